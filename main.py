@@ -1,0 +1,134 @@
+"""ReSA pretraining (SPEC §4): `python main.py ...` runs one process, `torchrun ...` many.
+
+CPU runs in fp32 with gloo; CUDA runs with float16 autocast, NCCL and SyncBatchNorm.
+A run resumes from `dump_path/checkpoint.pth.tar` when it exists.
+"""
+import os
+import sys
+
+import torch
+import torch.nn as nn
+
+from args import get_args
+from method import get_method
+from src.checkpoint import (encoder_state, load_file, load_model_state, plain_args,
+                            save_atomic, strip_prefix, with_module_prefix)
+from src.data import build_pretrain_dataset
+from src.distributed import cleanup, init_distributed, is_main_process, main_process_first
+from src.engine import AmpOptimizer, NonFiniteLoss, train_epoch
+from src.errors import UsageError, exit_on_usage_error
+from src.loader import train_loader
+from src.logger import ScalarWriter, setup_logging
+from src.runtime import prepare_dump_path, seed_everything
+from src.schedules import lr_schedule, momentum_schedule
+
+CHECKPOINT = "checkpoint.pth.tar"
+ENCODER_EXPORT = "encoder.pth"
+
+
+def build_optimizer(model, lr, args):
+    """SGD (momentum 0.9) or AdamW, weight decay on all parameters; lr set per step."""
+    params = model.parameters()  # as the authors: the optimizer state matches their files
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=args.wd)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=args.wd)
+
+
+def resume(path, model, amp, log):
+    """Load model/optimizer/scaler from `path` if it exists; return the epoch to start."""
+    if not os.path.isfile(path):
+        return 0
+    checkpoint = load_file(path)
+    if "state_dict" not in checkpoint or "epoch" not in checkpoint:
+        raise UsageError(f"{path} is not a pretraining checkpoint (no 'epoch'/'state_dict')")
+    load_model_state(model, strip_prefix(checkpoint["state_dict"], "module."), path)
+    if "optimizer" in checkpoint:
+        amp.optimizer.load_state_dict(checkpoint["optimizer"])
+    if "scaler" in checkpoint and amp.enabled:
+        amp.scaler.load_state_dict(checkpoint["scaler"])
+    log.info(f"resumed from {path} after epoch {checkpoint['epoch']}")
+    return checkpoint["epoch"]
+
+
+def pretrain(args):
+    seed_everything(args.seed)
+    dataset = main_process_first(lambda: build_pretrain_dataset(args))
+    if len(dataset) // args.world_size < args.batch_size:
+        raise UsageError(f"--batch_size {args.batch_size} x {args.world_size} process(es) is "
+                         f"larger than the {len(dataset)} training samples")
+    prepare_dump_path(args.dump_path)
+    log = setup_logging(args.dump_path, args.rank)
+    log.info("command: " + " ".join(sys.argv))
+    log.info(f"{len(dataset)} training images, {args.world_size} process(es) on "
+             f"{args.device}, arguments: {plain_args(args)}")
+
+    loader = train_loader(dataset, args.batch_size, args.workers, seed=args.seed or 0)
+    model = get_method(args).to(args.device)
+    cuda = args.device.type == "cuda"
+    if args.distributed and cuda:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    trained = model
+    if args.distributed:
+        trained = nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.device] if cuda else None)
+    torch.backends.cudnn.benchmark = True
+
+    global_batch = args.batch_size * args.world_size
+    lr = args.lr * global_batch / 256
+    amp = AmpOptimizer(build_optimizer(model, lr, args), args.device)
+    iters = len(loader)
+    lrs, momentums = lr_schedule(args, lr, iters), momentum_schedule(args, iters)
+    checkpoint_path = os.path.join(args.dump_path, CHECKPOINT)
+    start_epoch = resume(checkpoint_path, model, amp, log)
+    writer = ScalarWriter(os.path.join(args.dump_path, "tb"), is_main_process())
+
+    def before_step(iteration):
+        lr_now, momentum_now = float(lrs[iteration]), float(momentums[iteration])
+        for group in amp.optimizer.param_groups:
+            group["lr"] = lr_now
+        model.momentum = momentum_now
+        return {"lr": lr_now, "ema_momentum": momentum_now}
+
+    model.train()
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            loader.sampler.set_epoch(epoch)
+            loss = train_epoch(loader, trained, amp, epoch=epoch, epochs=args.epochs,
+                               first_iter=epoch * iters, total_iters=args.epochs * iters,
+                               global_batch=global_batch, before_step=before_step,
+                               writer=writer)
+            if is_main_process():
+                save_atomic({"epoch": epoch + 1,
+                             "state_dict": with_module_prefix(model.state_dict()),
+                             "optimizer": amp.optimizer.state_dict(),
+                             "scaler": amp.scaler.state_dict(),
+                             "args": plain_args(args)}, checkpoint_path)
+            writer.add(epoch + 1, "epoch/", loss=loss)
+            log.info(f"epoch {epoch + 1}/{args.epochs} done: mean loss {loss:.4f}, "
+                     f"checkpoint {checkpoint_path}")
+    except NonFiniteLoss as err:
+        kept = (f"the last good checkpoint {checkpoint_path} is intact"
+                if os.path.isfile(checkpoint_path) else "no checkpoint was written")
+        log.error(f"stopping: {err}; {kept}")
+        sys.exit(1)
+    finally:
+        writer.close()
+
+    if is_main_process():
+        export = os.path.join(args.dump_path, ENCODER_EXPORT)
+        save_atomic(encoder_state(with_module_prefix(model.state_dict())), export)
+        log.info(f"momentum encoder saved in torchvision layout (no fc) to {export}")
+
+
+@exit_on_usage_error
+def main(argv=None):
+    args = get_args(argv)
+    init_distributed(args)
+    try:
+        pretrain(args)
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()

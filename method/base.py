@@ -1,0 +1,86 @@
+"""The parts every self-distillation method here shares: networks, the two branches,
+the EMA update and Sinkhorn-Knopp self-assignment (SPEC §2-3)."""
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from src.data import dataset_info
+from src.distributed import all_reduce_sum, get_world_size
+from src.models import build_encoder, build_predictor, build_projector
+
+
+@torch.no_grad()
+def sinkhorn_knopp(scores, eps=0.05, n_iterations=3):
+    """Self-assignment of B local samples over N = B·W gathered ones (SPEC §3.3c).
+
+    `scores` is the local B×N similarity block; sums over the B axis are all-reduced
+    so that W processes compute exactly what one process does on all N rows. Runs in
+    float32 (callers pass float32 scores computed outside autocast). Returns A (B×N) whose rows sum to 1.
+    """
+    q = torch.exp(scores.float() / eps).t()  # N×B
+    n_rows = q.shape[0]
+    n_samples = q.shape[1] * get_world_size()
+    q /= all_reduce_sum(q.sum())
+    for _ in range(n_iterations):
+        q /= all_reduce_sum(q.sum(dim=1, keepdim=True))
+        q /= n_rows
+        q /= q.sum(dim=0, keepdim=True)
+        q /= n_samples
+    q *= n_samples
+    return q.t()
+
+
+class BaseMethod(nn.Module):
+    """Online encoder -> projector (-> predictor) and, in subclasses, momentum copies.
+
+    Children are registered as encoder, projector, predictor so that `state_dict()`
+    matches the authors' released checkpoints key for key (without `module.`).
+    """
+
+    def __init__(self, args):
+        super().__init__()
+        small = dataset_info(args.dataset).small_images
+        # SPEC §2: zero-init residual BNs, except resnet18 on CIFAR-sized data
+        zero_init = not (small and args.arch == "resnet18")
+        self.encoder, self.feature_dim = build_encoder(args.arch, small, zero_init)
+        self.projector = build_projector(self.feature_dim, args.mlp_layers, args.mlp_dim,
+                                         args.emb)
+        self.predictor = build_predictor(args.emb, args.mlp_dim) if args.pred else None
+        self.momentum = args.momentum
+
+    def make_momentum_copies(self):
+        """Momentum encoder/projector: frozen copies that only the EMA updates."""
+        self.momentum_encoder = copy.deepcopy(self.encoder)
+        self.momentum_projector = copy.deepcopy(self.projector)
+        for p in self.momentum_parameters():
+            p.requires_grad = False
+
+    def momentum_parameters(self):
+        return [*self.momentum_encoder.parameters(), *self.momentum_projector.parameters()]
+
+    def online_parameters_to_average(self):
+        return [*self.encoder.parameters(), *self.projector.parameters()]
+
+    def branch(self, views, encoder, projector, predictor=None):
+        """Encode each view separately (batch-norm statistics stay per view).
+
+        Returns (normalized feature of view 0, detached; list of normalized embeddings).
+        The predictor is applied only when gradients are enabled.
+        """
+        feats = [encoder(x) for x in views]
+        embs = [projector(f) for f in feats]
+        if predictor is not None and torch.is_grad_enabled():
+            embs = [predictor(e) for e in embs]
+        return F.normalize(feats[0]).detach(), [F.normalize(e) for e in embs]
+
+    @torch.no_grad()
+    def update_momentum(self, m):
+        """theta_m <- m*theta_m + (1-m)*theta for parameters (not buffers)."""
+        momentum_params = self.momentum_parameters()
+        torch._foreach_mul_(momentum_params, m)
+        torch._foreach_add_(momentum_params, self.online_parameters_to_average(), alpha=1 - m)
+
+    def forward(self, views):
+        raise NotImplementedError

@@ -1,0 +1,106 @@
+"""Checkpoint I/O: atomic writes, `weights_only` loading, resume and encoder export.
+
+Layout of `checkpoint.pth.tar` (SPEC §4): `epoch` (epochs completed), `state_dict`
+(model keys prefixed `module.` as under DDP), `optimizer`; we add `scaler` (AMP) and
+`args` (the flags, as plain values) for reproducibility.
+"""
+import os
+import pickle
+import tempfile
+
+import torch
+
+from src.errors import UsageError
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file in the same folder, fsync, then rename over `path`,
+    so that a killed run leaves either the old or the new file, never half of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pth")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is not what users expect
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_file(path):
+    """torch.load with weights_only=True on CPU; bad files become one clear UsageError."""
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = [line for line in str(err).splitlines() if "Unsupported" in line]
+        detail = f" ({reason[0].strip()})" if reason else ""
+        raise UsageError(f"{path} holds pickled objects or code that weights_only loading "
+                         f"refuses; only tensors and plain containers are loaded{detail}")
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise UsageError(f"{path} is not a readable PyTorch checkpoint ({err})")
+
+
+def plain_args(args):
+    """The flags as values that weights_only loading accepts."""
+    keep = (bool, int, float, str, type(None))
+    out = {}
+    for key, value in vars(args).items():
+        if isinstance(value, keep):
+            out[key] = value
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, keep) for v in value):
+            out[key] = list(value)
+    return out
+
+
+def with_module_prefix(state_dict):
+    return {"module." + k: v for k, v in state_dict.items()}
+
+
+def strip_prefix(state_dict, prefix):
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def load_model_state(model, state_dict, source):
+    """Strict load; a mismatch names what is missing or unexpected instead of a traceback."""
+    missing = sorted(set(model.state_dict()) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(model.state_dict()))
+    if missing or unexpected:
+        raise UsageError(f"{source} does not fit this model (different --arch or network "
+                         f"flags?): missing {_few(missing)}; unexpected {_few(unexpected)}")
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as err:
+        raise UsageError(f"{source} does not fit this model: {str(err).splitlines()[-1].strip()}")
+
+
+def _few(keys, n=5):
+    if not keys:
+        return "none"
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def encoder_state(checkpoint):
+    """The encoder weights of any checkpoint form users have, in torchvision layout.
+
+    A full checkpoint (ours or the authors', `state_dict` with `module.` keys) gives its
+    momentum encoder; an encoder-only file may carry `module.`, `momentum_encoder.` or
+    `encoder.` prefixes and a torchvision `fc` head, which is dropped.
+    """
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else {}
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    for prefix in ("momentum_encoder.", "encoder.", "backbone."):
+        picked = strip_prefix(state, prefix)
+        if picked:
+            state = picked
+            break
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}

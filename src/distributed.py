@@ -1,0 +1,151 @@
+"""Process-group set-up and the collectives ReSA needs.
+
+`python main.py` runs one process with no process group: every collective below is
+then an identity, so the same code path serves a laptop CPU, `torchrun` with gloo and
+multi-node NCCL. SLURM's `srun` variables are translated to torch.distributed's.
+"""
+import os
+import subprocess
+
+import torch
+import torch.distributed as dist
+
+from src.errors import UsageError
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def _first_slurm_host():
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist],
+                             capture_output=True, text=True, check=True, timeout=30)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return nodelist.split(",")[0].split("[")[0]
+
+
+def _translate_slurm_env():
+    """Under `srun` (one task per GPU) fill RANK/WORLD_SIZE/LOCAL_RANK from SLURM."""
+    if "SLURM_PROCID" not in os.environ or "RANK" in os.environ:
+        return
+    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return  # a plain `python main.py` inside an allocation stays one process
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("MASTER_ADDR", _first_slurm_host())
+    os.environ.setdefault("MASTER_PORT", str(10000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+def init_distributed(args):
+    """Start the process group when launched by torchrun/SLURM; pick the device.
+
+    Sets args.rank, args.world_size, args.local_rank, args.distributed and args.device.
+    """
+    _translate_slurm_env()
+    args.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    args.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        index = 0 if args.no_set_device_rank else args.local_rank % torch.cuda.device_count()
+        args.device = torch.device("cuda", index)
+        torch.cuda.set_device(args.device)
+    else:
+        args.device = torch.device("cpu")
+    if args.distributed:
+        backend = args.dist_backend or ("nccl" if cuda else "gloo")
+        if backend == "nccl" and not cuda:
+            raise UsageError("--dist-backend nccl needs CUDA GPUs; use gloo on CPU")
+        dist.init_process_group(backend=backend, init_method=args.dist_url,
+                                world_size=int(os.environ["WORLD_SIZE"]),
+                                rank=int(os.environ["RANK"]))
+    args.rank, args.world_size = get_rank(), get_world_size()
+    return args
+
+
+def cleanup():
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+@torch.no_grad()
+def gather(tensor):
+    """Concatenate `tensor` from every process in rank order (no gradient)."""
+    if not is_distributed():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def all_reduce_sum(tensor):
+    """Sum `tensor` over processes, in place, and return it."""
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+@torch.no_grad()
+def gather_uneven(tensor):
+    """Like `gather`, for first dimensions that differ between processes."""
+    if not is_distributed():
+        return tensor
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = gather(size).tolist()
+    padded = tensor.new_zeros((max(sizes),) + tuple(tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = gather(padded).split(max(sizes))
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+def reduce_mean(value, device):
+    """Average a Python float over processes (for logging)."""
+    tensor = torch.tensor([float(value)], device=device, dtype=torch.float64)
+    return all_reduce_sum(tensor).item() / get_world_size()
+
+
+def main_process_first(fn):
+    """Run `fn` on rank 0 first (a download, a mkdir), then on the other ranks.
+
+    A UsageError on rank 0 is re-raised on every rank instead of leaving the others
+    waiting forever in a collective.
+    """
+    error = None
+    if is_main_process():
+        try:
+            result = fn()
+        except UsageError as err:
+            error = err
+    if is_distributed():
+        failed = torch.tensor([int(error is not None)])
+        if dist.get_backend() == "nccl":
+            failed = failed.cuda()
+        dist.broadcast(failed, src=0)
+        if failed.item():
+            raise error or UsageError("stopped: rank 0 reported the problem")
+    elif error is not None:
+        raise error
+    return result if is_main_process() else fn()

@@ -1,0 +1,126 @@
+"""Loops shared by pretraining and evaluation: the mixed-precision optimizer step, one
+training epoch (progress bar, logs, TensorBoard, non-finite stop) and feature
+extraction gathered by index."""
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from src.distributed import all_reduce_sum, gather_uneven, get_world_size, is_main_process
+from src.loader import eval_loader
+from src.logger import get_logger
+
+
+class NonFiniteLoss(RuntimeError):
+    """Raised on every rank when the averaged loss is NaN or infinite."""
+
+
+class AmpOptimizer:
+    """An optimizer with float16 autocast and loss scaling on CUDA, plain fp32 on CPU."""
+
+    def __init__(self, optimizer, device):
+        self.optimizer = optimizer
+        self.device_type = device.type
+        self.enabled = device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled)
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=torch.float16, enabled=self.enabled)
+
+    def step(self, loss):
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+
+def mean_over_processes(tensor):
+    """The average of a scalar tensor over processes, as a float (one sync)."""
+    value = tensor.detach().float().reshape(1).clone()
+    return all_reduce_sum(value).item() / get_world_size()
+
+
+def progress(iterable, total, desc):
+    """A tqdm bar with ETA on rank 0; sparse updates when stderr is not a terminal."""
+    return tqdm(iterable, total=total, desc=desc, disable=not is_main_process(),
+                dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+
+
+def train_epoch(loader, forward, amp, *, epoch, epochs, first_iter, total_iters,
+                global_batch, before_step=None, writer=None, log_every=50):
+    """Train for one epoch and return the mean loss.
+
+    forward(batch) -> loss; before_step(iteration) -> dict of scalars to log (it sets
+    the schedules). The loss is averaged over processes before the step, and a
+    non-finite value stops every rank before it can update the weights.
+    """
+    log = get_logger()
+    losses, start = [], time.perf_counter()
+    bar = progress(loader, len(loader), f"epoch {epoch + 1}/{epochs}")
+    for i, batch in enumerate(bar):
+        tick = time.perf_counter()
+        iteration = first_iter + i
+        scalars = before_step(iteration) if before_step else {}
+        with amp.autocast():
+            loss = forward(batch)
+        value = mean_over_processes(loss)
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"loss is {value} at epoch {epoch + 1}, iteration {iteration}")
+        amp.step(loss)
+        losses.append(value)
+        scalars.update(loss=value, images_per_s=global_batch / (time.perf_counter() - tick))
+        if writer is not None:
+            writer.add(iteration, "train/", **scalars)
+        bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+        if i % log_every == 0 or i == len(loader) - 1:
+            done = iteration + 1 - first_iter
+            eta = (time.perf_counter() - start) / done * (total_iters - iteration - 1)
+            log.info(f"epoch {epoch + 1}/{epochs} iter {i + 1}/{len(loader)} "
+                     + " ".join(f"{k} {v:.4g}" for k, v in scalars.items())
+                     + f" | run ETA {eta / 3600:.2f} h")
+    return sum(losses) / max(len(losses), 1)
+
+
+@torch.no_grad()
+def extract_features(encoder, dataset, batch_size, workers, device, bank_device=None,
+                     normalize=False, desc="features"):
+    """Features and labels of every sample of `dataset`, in dataset order, on every rank.
+
+    Each process encodes its own shard; rows are gathered batch by batch with their
+    indices, so the bank holds every sample exactly once (no sampler padding).
+    """
+    bank_device = bank_device or device
+    loader = eval_loader(dataset, batch_size, workers)
+    shard = math.ceil(len(dataset) / get_world_size())  # the longest shard
+    steps = math.ceil(shard / batch_size)  # same count on every rank: collectives match
+    batches = iter(loader)
+    bank = labels = None
+    was_training = encoder.training
+    encoder.eval()
+    for _ in progress(range(steps), steps, desc):
+        index, images, target = next(batches, (None, None, None))
+        if index is None:  # this rank's shard is done; still take part in the gathers
+            index = torch.zeros(0, dtype=torch.long)
+            images = torch.zeros((0, *dataset_shape(dataset)))
+            target = torch.zeros(0, dtype=torch.long)
+        feats = encoder(images.to(device, non_blocking=True)).float()
+        if normalize:
+            feats = F.normalize(feats, dim=1)
+        index = gather_uneven(index.to(device))
+        feats = gather_uneven(feats)
+        target = gather_uneven(torch.as_tensor(target).to(device))
+        if bank is None:
+            bank = torch.zeros(len(dataset), feats.shape[1], device=bank_device)
+            labels = torch.full((len(dataset),), -1, dtype=torch.long, device=bank_device)
+        bank[index.to(bank_device)] = feats.to(bank_device)
+        labels[index.to(bank_device)] = target.to(bank_device)
+    encoder.train(was_training)
+    return bank, labels
+
+
+def dataset_shape(dataset):
+    """Shape of one image of `dataset` (for the empty batch of a finished shard)."""
+    return tuple(dataset[0][0].shape)

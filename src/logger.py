@@ -1,0 +1,48 @@
+"""Logging on rank 0 only: `out.log` + stdout for text, TensorBoard for scalars."""
+import logging
+import os
+import sys
+
+LOGGER_NAME = "resa"
+
+
+def setup_logging(dump_path, rank):
+    """Rank 0 logs INFO to stdout and dump_path/out.log; other ranks only warnings."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.handlers.clear()
+    logger.propagate = False
+    fmt = logging.Formatter("%(asctime)s | %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    if rank == 0:
+        logger.setLevel(logging.INFO)
+        handlers = [logging.StreamHandler(sys.stdout),
+                    logging.FileHandler(os.path.join(dump_path, "out.log"))]
+    else:
+        logger.setLevel(logging.WARNING)
+        handlers = [logging.StreamHandler(sys.stderr)]
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    return logger
+
+
+def get_logger():
+    return logging.getLogger(LOGGER_NAME)
+
+
+class ScalarWriter:
+    """TensorBoard scalars from rank 0; a no-op elsewhere (and when disabled)."""
+
+    def __init__(self, log_dir, enabled):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter  # slow import: only on rank 0
+            self.writer = SummaryWriter(log_dir)
+
+    def add(self, step, prefix="", **scalars):
+        if self.writer is not None:
+            for name, value in scalars.items():
+                self.writer.add_scalar(prefix + name, value, step)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()

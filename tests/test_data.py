@@ -1,0 +1,360 @@
+"""Tests of src/data.py and src/demo_data.py: views, eval transforms, the demo
+dataset, the Fashion-MNIST reader, truncation and the clear-error cases."""
+import gzip
+import socket
+import urllib.error
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import datasets
+
+from src import data, demo_data
+from src.data import (DATASETS, DatasetInfo, GaussianBlur, MultiCropTransform,
+                      build_eval_dataset, build_eval_transform, build_pretrain_dataset,
+                      dataset_info, read_idx)
+from src.errors import UsageError
+
+NO_BLUR = DatasetInfo((0.5,) * 3, (0.25,) * 3, 32, True, 0.0, 10)
+
+
+def make_args(**overrides):
+    """A resolved argument namespace as args.py would hand it over."""
+    args = dict(dataset='demo', data_path='', crops_nmb=[1], crops_size=[32],
+                crops_min_scale=[0.2], crops_max_scale=[1.0], solarization_prob=[0.2],
+                size_dataset=-1)
+    args.update(overrides)
+    return SimpleNamespace(**args)
+
+
+def unnormalize(view, info):
+    """A normalised view back to [0, 1] pixel values."""
+    return view * torch.tensor(info.std)[:, None, None] + torch.tensor(info.mean)[:, None, None]
+
+
+def random_image(width=50, height=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope='module')
+def demo_root(tmp_path_factory):
+    """The demo dataset, generated once into an existing empty folder."""
+    root = tmp_path_factory.mktemp('demo')
+    demo_data.ensure_demo_dataset(root)
+    return root
+
+
+# ----------------------------------------------------------------------------- views
+
+@pytest.mark.parametrize('nmb, sizes, expected', [
+    ([1], [32], [32, 32]),
+    ([2, 1], [32, 16], [32, 32, 32, 16]),
+    ([1, 3], [24, 8], [24, 24, 8, 8, 8]),
+])
+def test_views_count_sizes_and_order(nmb, sizes, expected):
+    args = make_args(crops_nmb=nmb, crops_size=sizes, crops_min_scale=[0.2] * len(nmb),
+                     crops_max_scale=[1.0] * len(nmb), solarization_prob=[0.2] * len(nmb))
+    transform = MultiCropTransform(args, NO_BLUR)
+    views = transform(random_image())
+    assert len(transform) == len(views) == len(expected)
+    assert [tuple(v.shape) for v in views] == [(3, s, s) for s in expected]
+    assert all(v.dtype == torch.float32 for v in views)
+
+
+def test_weak_view_has_no_colour_ops_but_strong_views_do():
+    colour = (200, 60, 30)
+    img = Image.new('RGB', (40, 40), colour)
+    transform = MultiCropTransform(make_args(), NO_BLUR)
+    target = torch.tensor(colour, dtype=torch.float32)[:, None, None] / 255
+    strong_changed = 0
+    torch.manual_seed(0)
+    for _ in range(30):
+        weak, strong = (unnormalize(v, NO_BLUR) for v in transform(img))
+        assert torch.allclose(weak, target.expand_as(weak), atol=1e-5)
+        strong_changed += (strong - target).abs().max().item() > 0.02
+    assert strong_changed >= 10        # jitter p=0.8, grayscale p=0.2
+
+
+@pytest.mark.parametrize('prob', [0.0, 1.0])
+def test_solarization_probability(prob):
+    # A white image stays >= 153/255 under colour jitter (brightness >= 0.6, no
+    # contrast/saturation/hue effect on gray), so solarizing maps it to <= 102/255.
+    img = Image.new('RGB', (40, 40), (255, 255, 255))
+    transform = MultiCropTransform(make_args(solarization_prob=[prob]), NO_BLUR)
+    torch.manual_seed(0)
+    for _ in range(20):
+        weak, strong = (unnormalize(v, NO_BLUR) for v in transform(img))
+        assert weak.min() > 0.999
+        if prob == 1.0:
+            assert strong.max() < 0.41
+        else:
+            assert strong.min() > 0.59
+
+
+def test_solarization_per_group():
+    img = Image.new('RGB', (40, 40), (255, 255, 255))
+    args = make_args(crops_nmb=[1, 2], crops_size=[32, 16], crops_min_scale=[0.2, 0.05],
+                     crops_max_scale=[1.0, 0.2], solarization_prob=[0.0, 1.0])
+    views = [unnormalize(v, NO_BLUR) for v in MultiCropTransform(args, NO_BLUR)(img)]
+    assert views[1].min() > 0.59
+    assert views[2].max() < 0.41 and views[3].max() < 0.41
+
+
+def test_grayscale_input_gives_three_channels():
+    img = Image.fromarray(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28))   # mode 'L'
+    views = MultiCropTransform(make_args(), dataset_info('fashion_mnist'))(img)
+    assert all(v.shape == (3, 32, 32) for v in views)
+    assert torch.equal(views[0][0], views[0][1]) and torch.equal(views[0][1], views[0][2])
+
+
+def test_gaussian_blur_probability():
+    checker = Image.fromarray((np.indices((32, 32)).sum(0) % 2 * 255).astype(np.uint8))
+    assert GaussianBlur(p=0.0)(checker) is checker
+    torch.manual_seed(0)
+    blurred = np.asarray(GaussianBlur(p=1.0)(checker), dtype=float)
+    assert blurred.std() < 0.9 * np.asarray(checker, dtype=float).std()
+
+
+def test_mismatched_crop_lists_are_a_usage_error():
+    with pytest.raises(UsageError, match='same number of values'):
+        MultiCropTransform(make_args(crops_nmb=[1, 1]), NO_BLUR)
+
+
+def test_dataset_info():
+    assert set(DATASETS) == {'imagenet', 'cifar10', 'cifar100', 'stl10', 'fashion_mnist', 'demo'}
+    assert dataset_info('imagenet') == DatasetInfo(
+        (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 224, False, 0.5, 1000)
+    assert dataset_info('cifar10').mean == (0.4914, 0.4822, 0.4465)
+    assert dataset_info('cifar100').std == (0.2673, 0.2564, 0.2762)
+    assert dataset_info('cifar100').num_classes == 100
+    assert all(dataset_info(n).small_images and dataset_info(n).blur_prob == 0.0
+               for n in ('cifar10', 'cifar100', 'fashion_mnist', 'demo'))
+    assert dataset_info('stl10').crop_size == 96
+    with pytest.raises(UsageError, match='unknown dataset'):
+        dataset_info('mnist')
+
+
+# ----------------------------------------------------------------------------- eval transforms
+
+def test_plain_eval_transform_imagenet_like_is_resize_center_crop():
+    transform = build_eval_transform(dataset_info('imagenet'), 224, 'plain')
+    img = random_image(300, 200)
+    out = transform(img)
+    assert out.shape == (3, 224, 224)
+    assert torch.equal(out, transform(img))
+    # Resize(256) makes the short side 256: 384x256, then the centre 224x224.
+    resized = img.resize((384, 256), Image.BICUBIC).crop((80, 16, 304, 240))
+    expected = transform.transforms[-1](transform.transforms[-2](resized))
+    assert torch.allclose(out, expected)
+
+
+def test_plain_eval_transform_small_images():
+    info = dataset_info('cifar10')
+    img = random_image(32, 32)
+    out = build_eval_transform(info, 32, 'plain')(img)
+    assert torch.allclose(unnormalize(out, info),
+                          torch.from_numpy(np.array(img)).permute(2, 0, 1) / 255, atol=1e-6)
+    gray28 = Image.fromarray(np.zeros((28, 28), np.uint8))
+    assert build_eval_transform(dataset_info('fashion_mnist'), 32, 'plain')(gray28).shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize('name, crop', [('imagenet', 64), ('cifar10', 32), ('fashion_mnist', 32)])
+def test_train_aug_eval_transform_is_random_with_right_shape(name, crop):
+    transform = build_eval_transform(dataset_info(name), crop, 'train_aug')
+    img = random_image(28 if name == 'fashion_mnist' else 80, 28 if name == 'fashion_mnist' else 80)
+    torch.manual_seed(0)
+    outs = [transform(img) for _ in range(5)]
+    assert all(o.shape == (3, crop, crop) for o in outs)
+    assert any(not torch.equal(outs[0], o) for o in outs[1:])
+
+
+# ----------------------------------------------------------------------------- demo dataset
+
+def test_demo_dataset_layout_and_counts(demo_root):
+    assert (demo_root / demo_data.MARKER).is_file()
+    train = datasets.ImageFolder(str(demo_root / 'train'))
+    val = datasets.ImageFolder(str(demo_root / 'val'))
+    assert train.classes == val.classes == [demo_data.class_folder(i) for i in range(10)]
+    assert train.classes[0] == '00_circle'
+    assert len(train) == 10 * demo_data.TRAIN_PER_CLASS == 2000
+    assert len(val) == 10 * demo_data.VAL_PER_CLASS == 500
+    assert np.bincount(train.targets).tolist() == [200] * 10
+    img, label = train[0]
+    assert img.size == (32, 32) and img.mode == 'RGB' and label == 0
+    assert all(Path(p).suffix == '.jpg' for p, _ in train.samples)
+
+
+def test_demo_dataset_is_deterministic(demo_root, tmp_path):
+    other = tmp_path / 'not' / 'yet' / 'there'
+    demo_data.ensure_demo_dataset(other)
+    files = sorted(p.relative_to(demo_root) for p in demo_root.rglob('*') if p.is_file())
+    assert files == sorted(p.relative_to(other) for p in other.rglob('*') if p.is_file())
+    assert all((demo_root / f).read_bytes() == (other / f).read_bytes() for f in files)
+    assert [p.name for p in other.parent.iterdir()] == ['there']       # no temp folder left
+
+
+def test_demo_dataset_is_reused_when_marker_exists(demo_root, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError('regenerated a complete dataset')
+    monkeypatch.setattr(demo_data, 'generate_demo_dataset', fail)
+    demo_data.ensure_demo_dataset(demo_root)
+
+
+def test_interrupted_demo_generation_leaves_nothing(tmp_path, monkeypatch):
+    calls = []
+
+    def make_image(label, rng):
+        calls.append(label)
+        if len(calls) > 5:
+            raise KeyboardInterrupt
+        return Image.new('RGB', (32, 32))
+    monkeypatch.setattr(demo_data, 'make_image', make_image)
+    with pytest.raises(KeyboardInterrupt):
+        demo_data.ensure_demo_dataset(tmp_path / 'demo')
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_refuses_a_foreign_non_empty_folder(tmp_path):
+    (tmp_path / 'mine.txt').write_text('keep me')
+    with pytest.raises(UsageError, match='no complete demo dataset'):
+        demo_data.ensure_demo_dataset(tmp_path)
+    assert (tmp_path / 'mine.txt').read_text() == 'keep me'
+
+
+def test_demo_pretrain_dataset_and_size_dataset(demo_root):
+    args = make_args(data_path=str(demo_root), crops_nmb=[2], crops_size=[32],
+                     crops_min_scale=[0.2], crops_max_scale=[1.0], solarization_prob=[0.2])
+    full = build_pretrain_dataset(args)
+    assert len(full) == 2000
+    views = full[0]
+    assert isinstance(views, list) and [v.shape for v in views] == [(3, 32, 32)] * 3
+    args.size_dataset = 7
+    small = build_pretrain_dataset(args)
+    assert len(small) == 7
+    folder = small.dataset
+    assert len(folder.samples) == len(folder.imgs) == len(folder.targets) == 7
+    assert folder.samples == full.dataset.samples[:7]
+
+
+def test_demo_eval_dataset(demo_root):
+    args = make_args(data_path=str(demo_root), size_dataset=7)     # not applied to eval
+    train = build_eval_dataset(args, 'train', 'plain')
+    val = build_eval_dataset(args, 'val', 'plain')
+    assert (len(train), len(val)) == (2000, 500)
+    assert train.classes == val.classes and len(val.samples) == len(val.targets) == 500
+    x, y = val[0]
+    assert x.shape == (3, 32, 32) and isinstance(y, int)
+    assert torch.equal(x, val[0][0])
+    assert build_eval_dataset(args, 'train', 'train_aug')[0][0].shape == (3, 32, 32)
+
+
+# ----------------------------------------------------------------------------- fashion-mnist
+
+def write_idx(path, array):
+    """A gzipped IDX file of uint8 values."""
+    header = bytes([0, 0, 8, array.ndim]) + b''.join(d.to_bytes(4, 'big') for d in array.shape)
+    with gzip.open(path, 'wb') as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.skipif(not Path(data.FASHION_MNIST_DIR).is_dir(),
+                    reason='Debian package dataset-fashion-mnist is not installed')
+def test_fashion_mnist_reader_on_real_files():
+    for split, count in (('train', 60000), ('val', 10000)):
+        ds = build_eval_dataset(make_args(dataset='fashion_mnist', data_path='/nonexistent'),
+                                split, 'plain')
+        assert len(ds) == len(ds.targets) == count
+        assert ds.data.shape == (count, 28, 28)
+        assert sorted(set(ds.targets)) == list(range(10)) and len(ds.classes) == 10
+        x, y = ds[0]
+        assert x.shape == (3, 32, 32) and 0 <= y < 10
+    pre = build_pretrain_dataset(make_args(dataset='fashion_mnist', data_path='/nonexistent',
+                                           size_dataset=100))
+    assert len(pre) == 100 and [v.shape for v in pre[99]] == [(3, 32, 32)] * 2
+
+
+def test_fashion_mnist_from_data_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, 'FASHION_MNIST_DIR', str(tmp_path / 'absent'))
+    images = np.arange(3 * 28 * 28).reshape(3, 28, 28) % 256
+    write_idx(tmp_path / 't10k-images-idx3-ubyte.gz', images)
+    write_idx(tmp_path / 't10k-labels-idx1-ubyte.gz', np.array([4, 0, 9]))
+    ds = build_eval_dataset(make_args(dataset='fashion_mnist', data_path=str(tmp_path)),
+                            'val', 'plain')
+    assert ds.targets == [4, 0, 9]
+    assert np.array_equal(ds.data, images)
+    raw = data.FashionMNIST(tmp_path, train=False)
+    assert raw[1][0].mode == 'L' and raw[1][0].size == (28, 28)
+    with pytest.raises(UsageError, match='dataset-fashion-mnist.*--data_path'):   # no train files
+        build_pretrain_dataset(make_args(dataset='fashion_mnist', data_path=str(tmp_path)))
+
+
+def test_read_idx_rejects_bad_files(tmp_path):
+    (tmp_path / 'plain.gz').write_bytes(b'not gzip at all')
+    with pytest.raises(UsageError, match='gzipped IDX'):
+        read_idx(tmp_path / 'plain.gz')
+    with gzip.open(tmp_path / 'short.gz', 'wb') as f:
+        f.write(bytes([0, 0, 8, 1]) + (10).to_bytes(4, 'big') + b'abc')
+    with pytest.raises(UsageError, match='truncated'):
+        read_idx(tmp_path / 'short.gz')
+
+
+# ----------------------------------------------------------------------------- usage errors
+
+def make_image_folder(root, split, classes=('a', 'b'), per_class=2):
+    for name in classes:
+        (root / split / name).mkdir(parents=True)
+        for i in range(per_class):
+            random_image(20, 20, seed=i).save(root / split / name / f'{i}.png')
+
+
+def test_missing_data_path(tmp_path):
+    with pytest.raises(UsageError, match='does not exist'):
+        build_pretrain_dataset(make_args(dataset='imagenet', data_path=str(tmp_path / 'nope')))
+    with pytest.raises(UsageError, match='required'):
+        build_pretrain_dataset(make_args(dataset='imagenet', data_path=''))
+    (tmp_path / 'file').write_text('x')
+    with pytest.raises(UsageError, match='not a folder'):
+        build_pretrain_dataset(make_args(dataset='imagenet', data_path=str(tmp_path / 'file')))
+
+
+def test_missing_train_and_val_folders(tmp_path):
+    args = make_args(dataset='imagenet', data_path=str(tmp_path))
+    with pytest.raises(UsageError, match='no train/ folder'):
+        build_pretrain_dataset(args)
+    make_image_folder(tmp_path, 'train')
+    assert len(build_pretrain_dataset(args)) == 4
+    assert build_eval_dataset(args, 'train', 'plain').classes == ['a', 'b']
+    with pytest.raises(UsageError, match='no val/ folder'):
+        build_eval_dataset(args, 'val', 'plain')
+
+
+def test_train_folder_without_classes_or_images(tmp_path):
+    args = make_args(dataset='imagenet', data_path=str(tmp_path))
+    (tmp_path / 'train').mkdir()
+    (tmp_path / 'train' / 'loose.png').write_bytes(b'')
+    with pytest.raises(UsageError, match='no class folders'):
+        build_pretrain_dataset(args)
+    (tmp_path / 'train' / 'cls').mkdir()
+    (tmp_path / 'train' / 'cls' / 'notes.txt').write_text('no images here')
+    with pytest.raises(UsageError, match='without image files'):
+        build_pretrain_dataset(args)
+
+
+@pytest.mark.parametrize('name, module', [('cifar10', 'cifar'), ('cifar100', 'cifar'),
+                                          ('stl10', 'stl10')])
+def test_torchvision_dataset_offline_is_a_usage_error(name, module, tmp_path, monkeypatch):
+    timeouts = []
+
+    def offline(*args, **kwargs):
+        timeouts.append(socket.getdefaulttimeout())
+        raise urllib.error.URLError('[Errno -3] Temporary failure in name resolution')
+    monkeypatch.setattr(f'torchvision.datasets.{module}.download_and_extract_archive', offline)
+    before = socket.getdefaulttimeout()
+    with pytest.raises(UsageError, match=f'{name}: not found in --data_path .*put the {name} files'):
+        build_pretrain_dataset(make_args(dataset=name, data_path=str(tmp_path)))
+    assert timeouts == [data.DOWNLOAD_TIMEOUT_S]       # the download ran with a timeout
+    assert socket.getdefaulttimeout() == before        # ... which was restored

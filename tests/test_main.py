@@ -1,0 +1,153 @@
+"""main.py end to end: two-process torchrun with resume, non-finite stop, bad input."""
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+import main as main_script
+from args import build_parser, get_args
+from src.demo_data import ensure_demo_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--arch", "resnet18", "--mlp_dim", "64", "--emb", "32", "--batch_size", "8",
+        "--size_dataset", "32", "--warmup_epochs", "1", "--workers", "0", "--eval_every", "0",
+        "--seed", "0"]
+
+
+@pytest.fixture(scope="session")
+def demo_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("demo") / "data"
+    ensure_demo_dataset(str(path))
+    return str(path)
+
+
+def run(*args, torchrun=False, timeout=300):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2"] if torchrun else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*launcher, "main.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_torchrun_two_processes_checkpoint_then_resume(demo_path, tmp_path):
+    dump = tmp_path / "run"
+    common = ["--dataset", "demo", "--data_path", demo_path, "--dump_path", str(dump), *TINY]
+    first = run(*common, "--epochs", "2", torchrun=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = torch.load(dump / "checkpoint.pth.tar", weights_only=True)
+    assert ckpt["epoch"] == 2
+    assert set(ckpt) >= {"epoch", "state_dict", "optimizer"}
+    assert all(k.startswith("module.") for k in ckpt["state_dict"])
+    assert "module.momentum_projector.6.weight" in ckpt["state_dict"]
+    log = (dump / "out.log").read_text()
+    assert "2 process(es)" in log and "epoch 2/2 done" in log
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(dump / "tb"))
+
+    second = run(*common, "--epochs", "3", torchrun=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    log = (dump / "out.log").read_text()
+    assert "resumed from" in log and "after epoch 2" in log
+    assert "epoch 1/3" not in log and "epoch 3/3 done" in log
+    resumed = torch.load(dump / "checkpoint.pth.tar", weights_only=True)
+    assert resumed["epoch"] == 3
+    before, after = ckpt["state_dict"], resumed["state_dict"]
+    assert not torch.equal(before["module.encoder.conv1.weight"],
+                           after["module.encoder.conv1.weight"])
+
+    # the exported momentum encoder loads into torchvision's resnet18 as it is
+    model = torchvision.models.resnet18()
+    model.fc = torch.nn.Identity()
+    model.load_state_dict(torch.load(dump / "encoder.pth", weights_only=True))
+    assert torch.equal(model.conv1.weight, after["module.momentum_encoder.conv1.weight"])
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(demo_path, tmp_path, monkeypatch):
+    dump = tmp_path / "run"
+    common = ["--dataset", "demo", "--data_path", demo_path, "--dump_path", str(dump), *TINY]
+    assert run(*common, "--epochs", "1").returncode == 0
+    good = digest(dump / "checkpoint.pth.tar")
+    nan = torch.tensor(float("nan"), requires_grad=True)
+    monkeypatch.setattr("method.resa.resa_loss", lambda *args, **kwargs: nan * 1)
+    with pytest.raises(SystemExit) as exit_info:
+        main_script.main([*common, "--epochs", "2"])
+    assert exit_info.value.code == 1
+    assert digest(dump / "checkpoint.pth.tar") == good
+    log = (dump / "out.log").read_text()
+    assert "loss is nan at epoch 2" in log and "last good checkpoint" in log
+
+
+def one_line_error(result):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in result.stderr, \
+        result.stderr
+    return lines[0]
+
+
+def test_bad_data_and_dump_paths(demo_path, tmp_path):
+    dump = tmp_path / "never"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_images = tmp_path / "noimg"
+    (no_images / "train" / "class_a").mkdir(parents=True)
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    cases = {
+        "missing": ["--data_path", str(tmp_path / "missing")],
+        "empty": ["--data_path", str(empty)],
+        "no images": ["--data_path", str(no_images)],
+        "batch > data": ["--dataset", "demo", "--data_path", demo_path, "--size_dataset", "10",
+                         "--batch_size", "64"],
+    }
+    for name, flags in cases.items():
+        message = one_line_error(run(*flags, "--arch", "resnet18", "--dump_path", str(dump)))
+        assert not dump.exists(), name
+        assert name != "batch > data" or "larger than the 10 training samples" in message
+    message = one_line_error(run("--dataset", "demo", "--data_path", demo_path, "--arch",
+                                 "resnet18", "--dump_path", str(a_file / "sub")))
+    assert "--dump_path" in message
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--crops_nmb", "1", "2", "--crops_size", "32"], "equal lengths"),
+    (["--arch", "resnet999"], "invalid choice"),
+    (["--dataset", "imagenet2"], "invalid choice"),
+    (["--warmup_epochs", "5", "--epochs", "2"], "exceeds --epochs"),
+    (["--train_files", "list.txt"], "--train_percent"),
+    (["--crops_min_scale", "0.9", "--crops_max_scale", "0.5"], "crop scales"),
+])
+def test_conflicting_flags_one_line(flags, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        get_args(["--dataset", "demo", *flags] if "--dataset" not in flags else flags)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0]
+
+
+def test_authors_flags_parse_unchanged():
+    args = get_args(["--epoch", "200", "--data_path", "X", "--dump_path", "Y",
+                     "--warmup_epochs", "10", "--lr", "0.4", "--batch_size", "256"])
+    assert (args.epochs, args.warmup_epochs, args.lr, args.arch) == (200, 10, 0.4, "resnet50")
+    assert (args.optimizer, args.wd, args.temperature, args.momentum) == ("sgd", 1e-5, 0.4, 0.996)
+    cifar = get_args(["--dataset", "cifar10", "--dump_path", "Y"])
+    assert (cifar.arch, cifar.epochs, cifar.lr, cifar.wd, cifar.crops_size) == \
+        ("resnet18", 1000, 0.3, 1e-4, [32])
+
+
+def test_help_documents_every_flag():
+    result = subprocess.run([sys.executable, "main.py", "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for action in build_parser()._actions:
+        for option in action.option_strings:
+            assert option in result.stdout
+        assert action.help, action.option_strings
