@@ -23,6 +23,15 @@ def str2bool(value):
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default only where the help text does not already explain it."""
+
+    def _get_help_string(self, action):
+        if (action.default is None or "default:" in action.help or action.nargs == 0):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Bad flags end with one clear line and exit code 2 (not the usage block)."""
 
@@ -36,7 +45,7 @@ def build_parser():
         description="ReSA (Representation Self-Assignment): self-supervised pretraining "
         "and evaluation. One parser serves main.py, eval_knn.py and eval_linear.py; "
         "each script reads the groups that concern it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
 
     g = p.add_argument_group("run")
@@ -54,8 +63,8 @@ def build_parser():
                    "from the Debian package dataset-fashion-mnist; demo = a small synthetic "
                    "ImageFolder this project generates into --data_path")
     g.add_argument("--data_path", type=str, default=None,
-                   help="dataset folder (default: required for imagenet; ./data for "
-                   "torchvision datasets and fashion_mnist; ./data/demo for demo)")
+                   help="dataset folder (required for imagenet; default: ./data for "
+                   "torchvision datasets and fashion_mnist, ./data/demo for demo)")
     g.add_argument("--crops_nmb", type=int, nargs="+", default=[1],
                    help="number of strong views per crop group, e.g. 1 or 1 6")
     g.add_argument("--crops_size", type=int, nargs="+", default=None,
@@ -80,9 +89,9 @@ def build_parser():
                    "to 1 on a per-iteration half-cosine")
 
     g = p.add_argument_group("architecture")
-    g.add_argument("-a", "--arch", type=str, default=None, choices=ARCHS,
-                   help="encoder (default: resnet50; resnet18 on CIFAR, fashion_mnist "
-                   "and demo)")
+    g.add_argument("-a", "--arch", type=str, default=None, choices=ARCHS, metavar="ARCH",
+                   help="encoder: " + ", ".join(ARCHS) + " (default: resnet50; resnet18 on "
+                   "CIFAR, fashion_mnist and demo)")
     g.add_argument("--mlp_layers", type=int, default=3,
                    help="number of Linear layers in the projector")
     g.add_argument("--mlp_dim", type=int, default=2048,
@@ -208,8 +217,6 @@ def check_args(parser, args):
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     if args.workers < 0 or args.warmup_epochs < 0 or args.eval_every < 0:
         parser.error("--workers, --warmup_epochs and --eval_every must be >= 0")
-    if args.warmup_epochs > args.epochs:
-        parser.error(f"--warmup_epochs {args.warmup_epochs} exceeds --epochs {args.epochs}")
     if args.temperature <= 0 or args.knn_temperature <= 0:
         parser.error("temperatures must be positive")
     if not 0 <= args.momentum <= 1:

@@ -19,6 +19,7 @@ from src.engine import AmpOptimizer, NonFiniteLoss, train_epoch
 from src.errors import UsageError, exit_on_usage_error
 from src.loader import train_loader
 from src.logger import ScalarWriter, setup_logging
+from src.monitor import OnlineMonitor
 from src.runtime import prepare_dump_path, seed_everything
 from src.schedules import lr_schedule, momentum_schedule
 
@@ -51,11 +52,15 @@ def resume(path, model, amp, log):
 
 
 def pretrain(args):
+    if args.warmup_epochs > args.epochs:
+        raise UsageError(f"--warmup_epochs {args.warmup_epochs} exceeds --epochs {args.epochs}")
     seed_everything(args.seed)
     dataset = main_process_first(lambda: build_pretrain_dataset(args))
     if len(dataset) // args.world_size < args.batch_size:
         raise UsageError(f"--batch_size {args.batch_size} x {args.world_size} process(es) is "
                          f"larger than the {len(dataset)} training samples")
+    monitored = args.eval_every > 0 and args.dataset != "imagenet"
+    monitor = OnlineMonitor(args) if monitored else None
     prepare_dump_path(args.dump_path)
     log = setup_logging(args.dump_path, args.rank)
     log.info("command: " + " ".join(sys.argv))
@@ -106,6 +111,11 @@ def pretrain(args):
             writer.add(epoch + 1, "epoch/", loss=loss)
             log.info(f"epoch {epoch + 1}/{args.epochs} done: mean loss {loss:.4f}, "
                      f"checkpoint {checkpoint_path}")
+            if monitor and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+                scores = monitor.evaluate(model.momentum_encoder)  # on every rank
+                writer.add(epoch + 1, "monitor/", **scores)
+                log.info(f"monitor after epoch {epoch + 1}: "
+                         + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
     except NonFiniteLoss as err:
         kept = (f"the last good checkpoint {checkpoint_path} is intact"
                 if os.path.isfile(checkpoint_path) else "no checkpoint was written")

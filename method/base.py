@@ -10,6 +10,8 @@ from src.data import dataset_info
 from src.distributed import all_reduce_sum, get_world_size
 from src.models import build_encoder, build_predictor, build_projector
 
+PLAIN_INIT_RESNET18 = ("cifar10", "cifar100", "fashion_mnist", "demo")
+
 
 @torch.no_grad()
 def sinkhorn_knopp(scores, eps=0.05, n_iterations=3):
@@ -41,9 +43,9 @@ class BaseMethod(nn.Module):
 
     def __init__(self, args):
         super().__init__()
+        # SPEC §2: zero-init residual BNs, except resnet18 on the CIFAR-sized datasets
+        zero_init = not (args.arch == "resnet18" and args.dataset in PLAIN_INIT_RESNET18)
         small = dataset_info(args.dataset).small_images
-        # SPEC §2: zero-init residual BNs, except resnet18 on CIFAR-sized data
-        zero_init = not (small and args.arch == "resnet18")
         self.encoder, self.feature_dim = build_encoder(args.arch, small, zero_init)
         self.projector = build_projector(self.feature_dim, args.mlp_layers, args.mlp_dim,
                                          args.emb)

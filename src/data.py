@@ -125,19 +125,21 @@ class MultiCropTransform:
 
 
 def build_eval_transform(info, crop, kind):
-    """Image -> normalised tensor for evaluation: 'plain' (no randomness; k-NN,
-    validation, feature extraction) or 'train_aug' (linear probe training)."""
-    if kind not in ('plain', 'train_aug'):
-        raise ValueError(f'kind must be "plain" or "train_aug", not {kind!r}')
+    """Image -> normalised tensor for evaluation: 'plain' (no randomness, bicubic
+    resize: k-NN and feature extraction, SPEC §6), 'val' (the same with the bilinear
+    resize of the linear probe's validation, SPEC §5) or 'train_aug' (linear probe
+    training)."""
+    if kind not in ('plain', 'val', 'train_aug'):
+        raise ValueError(f'kind must be "plain", "val" or "train_aug", not {kind!r}')
     if info.small_images:
         # Resize/CenterCrop leave an image that already has the crop size unchanged
         # (CIFAR 32 -> 32); they only act on other sizes (fashion_mnist 28 -> 32).
         ops = [T.Resize(crop, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(crop)]
         if kind == 'train_aug':
             ops += [T.RandomCrop(crop, padding=4), T.RandomHorizontalFlip()]
-    elif kind == 'plain':
-        ops = [T.Resize(round(crop * 256 / 224), interpolation=InterpolationMode.BICUBIC),
-               T.CenterCrop(crop)]
+    elif kind in ('plain', 'val'):
+        resample = InterpolationMode.BICUBIC if kind == 'plain' else InterpolationMode.BILINEAR
+        ops = [T.Resize(round(crop * 256 / 224), interpolation=resample), T.CenterCrop(crop)]
     else:
         ops = [T.RandomResizedCrop(crop), T.RandomHorizontalFlip()]
     return T.Compose([ToRGB(), *ops, T.ToTensor(), T.Normalize(info.mean, info.std)])
@@ -294,7 +296,7 @@ def build_pretrain_dataset(args):
 
 def build_eval_dataset(args, split, kind):
     """(image tensor, label) items of `split` ('train' or 'val' = test split), with the
-    'plain' or 'train_aug' transform (see `build_eval_transform`); never truncated.
+    'plain', 'val' or 'train_aug' transform (see `build_eval_transform`); never truncated.
 
     ImageFolder datasets come back as ImageFolders (`.classes`, `.samples`, `.targets`);
     the others have at least `.classes` and `.targets`.

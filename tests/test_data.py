@@ -132,7 +132,9 @@ def test_dataset_info():
     assert dataset_info('cifar100').std == (0.2673, 0.2564, 0.2762)
     assert dataset_info('cifar100').num_classes == 100
     assert all(dataset_info(n).small_images and dataset_info(n).blur_prob == 0.0
-               for n in ('cifar10', 'cifar100', 'fashion_mnist', 'demo'))
+               for n in ('cifar10', 'cifar100', 'fashion_mnist'))
+    # the demo goes through the ImageNet path (stem included) at 32 px, without blur
+    assert not dataset_info('demo').small_images and dataset_info('demo').blur_prob == 0.0
     assert dataset_info('stl10').crop_size == 96
     with pytest.raises(UsageError, match='unknown dataset'):
         dataset_info('mnist')

@@ -1,0 +1,108 @@
+"""Online monitor of pretraining on the small datasets (SPEC §7).
+
+Every few epochs main.py measures how well the momentum encoder's features of the
+un-augmented train and test images classify, with three cheap probes that need no
+extra training run: Euclidean 5-NN (the authors' CIFAR protocol), DINO's weighted
+k-NN, and a linear classifier trained on the features held in memory.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from eval_knn import knn_classifier
+from src.engine import extract_features
+from src.eval_data import eval_datasets
+from src.metrics import percent
+
+WKNN_K = 20          # weighted k-NN neighbours, or the nearest value of --nb_knn
+LINEAR_BATCH = 1000
+LINEAR_LR, LINEAR_FINAL_LR, LINEAR_WD = 1e-2, 1e-6, 5e-6
+MAX_DISTANCES = 2 ** 25  # entries of one test-chunk x train distance block
+
+
+@torch.no_grad()
+def euclid_knn_predict(train_x, train_y, test_x, num_classes, k=5):
+    """Majority vote of the k Euclidean-nearest training rows (k <= 60).
+
+    Ties go to the class that holds the nearest neighbour: each neighbour j (0 = the
+    nearest) adds 2^k + 2^(k-1-j) to its class, so counts decide first and, among equal
+    counts, the integer comparison is the lexicographic one of the neighbours' ranks.
+    """
+    k = min(k, train_x.shape[0])
+    weights = 2 ** k + 2 ** torch.arange(k - 1, -1, -1, device=train_x.device)
+    rows = max(1, MAX_DISTANCES // max(train_x.shape[0], 1))
+    predictions = []
+    for start in range(0, test_x.shape[0], rows):
+        distances = torch.cdist(test_x[start:start + rows], train_x)
+        labels = train_y[distances.topk(k, dim=1, largest=False).indices]
+        scores = torch.zeros(labels.shape[0], num_classes, dtype=torch.long,
+                             device=labels.device)
+        scores.scatter_add_(1, labels, weights.expand_as(labels))
+        predictions.append(scores.argmax(dim=1))
+    return torch.cat(predictions) if predictions else test_x.new_zeros(0, dtype=torch.long)
+
+
+def linear_probe_predict(train_x, train_y, test_x, num_classes, epochs, seed):
+    """Predictions of a linear classifier trained on frozen features: Adam (lr 1e-2
+    decaying exponentially to 1e-6 over `epochs`, weight decay 5e-6), batch 1000.
+
+    Seeded by `seed` alone and leaves the global random state untouched.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        classifier = nn.Linear(train_x.shape[1], num_classes)
+    classifier.to(train_x.device)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=LINEAR_LR, weight_decay=LINEAR_WD)
+    gamma = (LINEAR_FINAL_LR / LINEAR_LR) ** (1 / epochs)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for index in torch.randperm(train_x.shape[0], generator=generator).split(LINEAR_BATCH):
+                index = index.to(train_x.device)
+                loss = F.cross_entropy(classifier(train_x[index]), train_y[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            scheduler.step()
+    with torch.no_grad():
+        return classifier(test_x).argmax(dim=1)
+
+
+class OnlineMonitor:
+    """Probes of the momentum encoder on the un-augmented train and test sets.
+
+    The datasets are built once. Under torchrun, construct it and call `evaluate` on
+    every process (both take part in collectives); each process shards the feature
+    extraction, holds all the gathered features and gets the same numbers.
+    `classifier_epochs` is the linear classifier's number of epochs (500 in the
+    authors' protocol).
+    """
+
+    def __init__(self, args, classifier_epochs=500):
+        self.args = args
+        self.classifier_epochs = classifier_epochs
+        self.train, self.test = eval_datasets(args, "plain")
+        self.wknn_k = min(args.nb_knn, key=lambda k: (abs(k - WKNN_K), k))
+
+    def features(self, encoder, dataset, name):
+        args = self.args
+        return extract_features(encoder, dataset, args.batch_size, args.workers, args.device,
+                                desc=f"monitor {name} features")
+
+    def evaluate(self, encoder):
+        """{'knn5_euclid_top1', 'wknn{k}_top1', 'linear_top1'}: top-1 in percent of
+        `encoder` (the momentum encoder) on the test set."""
+        args = self.args
+        train_x, train_y = self.features(encoder, self.train, "train")
+        test_x, test_y = self.features(encoder, self.test, "test")
+        total = test_y.shape[0]
+        knn5 = euclid_knn_predict(train_x, train_y, test_x, args.num_classes, k=5)
+        wknn_top1, _ = knn_classifier(F.normalize(train_x, dim=1), train_y,
+                                      F.normalize(test_x, dim=1), test_y, self.wknn_k,
+                                      T=args.knn_temperature, num_classes=args.num_classes)
+        linear = linear_probe_predict(train_x, train_y, test_x, args.num_classes,
+                                      self.classifier_epochs, args.seed or 0)
+        return {"knn5_euclid_top1": percent((knn5 == test_y).sum(), total),
+                f"wknn{self.wknn_k}_top1": wknn_top1,
+                "linear_top1": percent((linear == test_y).sum(), total)}

@@ -1,0 +1,147 @@
+"""Shared pieces of the evaluation tests: tiny generated ImageFolders, checkpoints,
+and a runner that starts the scripts the way users do (a subprocess in the repo)."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from PIL import Image
+from torch.utils.data import Dataset
+
+REPO = Path(__file__).resolve().parents[1]
+SUBSET_DIR = Path(__file__).resolve().parents[2] / "shared" / "imagenet_subset"
+CLASSES = ("n01000001", "n01000002")
+
+
+def make_image_folder(root, per_class=6, classes=CLASSES, size=40, seed=0, val_copy=True):
+    """root/train/<class>/<class>_<i>.JPEG noise images; val/ is a copy of train/ when
+    `val_copy` (so every val image has an identical training image)."""
+    rng = np.random.default_rng(seed)
+    for cls in classes:
+        folder = Path(root) / "train" / cls
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{cls}_{i}.JPEG", quality=95)
+    if val_copy:
+        shutil.copytree(Path(root) / "train", Path(root) / "val")
+    return Path(root)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a small shared CPU, idle threads spinning against other
+    processes make tiny ops many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("imagefolder"))
+
+
+@pytest.fixture(scope="session")
+def resnet18_file(tmp_path_factory):
+    """An encoder-only resnet18 file (ImageNet stem), with non-default BN statistics so
+    that a load that skipped buffers would be noticed."""
+    from src.models import build_encoder
+    torch.manual_seed(1)
+    encoder, _ = build_encoder("resnet18")
+    for name, buffer in encoder.state_dict().items():
+        if name.endswith("running_mean"):
+            buffer.uniform_(-0.1, 0.1)
+        elif name.endswith("running_var"):
+            buffer.uniform_(0.8, 1.2)
+    path = tmp_path_factory.mktemp("weights") / "encoder.pth"
+    torch.save(encoder.state_dict(), path)
+    return path
+
+
+def fast_flags(data, dump, *extra):
+    """The flags of a seconds-long run on a tiny ImageFolder."""
+    return ["--dataset", "imagenet", "--data_path", str(data), "--crops_size", "32",
+            "--arch", "resnet18", "--batch_size", "8", "--workers", "0",
+            "--dump_path", str(dump), *map(str, extra)]
+
+
+def run_script(script, *args, launcher=(sys.executable,), timeout=300):
+    """Run `launcher script args` from the repo root; returns the CompletedProcess."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return subprocess.run([*launcher, script, *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(nproc):
+    """A launcher like the authors' `torchrun --nproc_per_node=N --master_port=P`."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return (sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={port}")
+
+
+def assert_ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def assert_usage_error(result, *needles):
+    """Exit code 2 and exactly one line on stderr that contains every needle."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+class TensorImages(Dataset):
+    """(image, label) pairs from tensors, with the `.classes`/`.targets` of a dataset."""
+
+    def __init__(self, images, labels, num_classes):
+        self.images, self.targets = images, [int(y) for y in labels]
+        self.classes = [str(c) for c in range(num_classes)]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.images[i], self.targets[i]
+
+
+def small_encoder():
+    """A few-layer CNN with batch norm; seed before calling for identical weights."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def extraction_worker(rank, world_size, init_file, out_dir, dataset, batch_size, ks):
+    """One of `world_size` gloo processes: extract the bank and run the sharded k-NN."""
+    from eval_knn import knn_eval
+    from src.engine import extract_features
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        encoder = small_encoder().train()
+        bank, labels = extract_features(encoder, dataset, batch_size, 0, torch.device("cpu"),
+                                        normalize=True)
+        results = knn_eval(bank, labels, bank, labels, ks, 0.07, len(dataset.classes),
+                           torch.device("cpu"))
+        torch.save({"bank": bank, "labels": labels, "knn": results,
+                    "training": encoder.training}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,181 @@
+"""Every checkpoint form users have loads into the evaluation encoder, strictly
+(SPEC §5); anything else is one clear line with exit code 2."""
+import logging
+import os
+
+import pytest
+import torch
+import torchvision
+
+from helpers_eval import (assert_usage_error, fast_flags, image_folder,  # noqa: F401
+                          one_thread, run_script)
+from src.checkpoint import encoder_state, with_module_prefix
+from src.errors import UsageError
+from src.logger import LOGGER_NAME
+from src.models import build_encoder, build_predictor, build_projector
+from src.pretrained import load_pretrained_encoder
+
+
+def seeded_encoder(seed):
+    torch.manual_seed(seed)
+    encoder, _ = build_encoder("resnet18")
+    for name, buffer in encoder.state_dict().items():  # distinct BN statistics too
+        if name.endswith("running_mean"):
+            buffer.normal_(0, 0.1)
+    return encoder.state_dict()
+
+
+ONLINE, MOMENTUM = seeded_encoder(1), seeded_encoder(2)
+
+
+def prefixed(state, prefix):
+    return {prefix + k: v for k, v in state.items()}
+
+
+def full_state():
+    """The method's state_dict layout (SPEC §2) with distinct online/momentum encoders."""
+    projector = build_projector(512, 3, 64, 32).state_dict()
+    return {**prefixed(ONLINE, "encoder."), **prefixed(projector, "projector."),
+            **prefixed(build_predictor(32, 64).state_dict(), "predictor."),
+            **prefixed(MOMENTUM, "momentum_encoder."),
+            **prefixed(projector, "momentum_projector.")}
+
+
+def torchvision_resnet18():
+    return {**MOMENTUM, **{k: v for k, v in torchvision.models.resnet18().state_dict().items()
+                           if k.startswith("fc.")}}
+
+
+FORMS = {
+    # name: (file content, expected encoder state, words of the log line)
+    "ours": ({"epoch": 3, "state_dict": with_module_prefix(full_state()),
+              "optimizer": {"state": {}, "param_groups": []}, "args": {"arch": "resnet18"}},
+             MOMENTUM, ("momentum encoder", "epoch 3")),
+    "authors_full": ({"epoch": 100, "state_dict": with_module_prefix(full_state()),
+                      "optimizer": {"state": {}, "param_groups": []}},
+                     MOMENTUM, ("momentum encoder", "epoch 100")),
+    "our_export": (encoder_state(with_module_prefix(full_state())), MOMENTUM,
+                   ("torchvision layout",)),
+    "torchvision_with_fc": (torchvision_resnet18(), MOMENTUM, ("fc head dropped",)),
+    "module_prefix": (prefixed(ONLINE, "module."), ONLINE, ("torchvision layout",)),
+    "momentum_encoder_prefix": (prefixed(MOMENTUM, "momentum_encoder."), MOMENTUM,
+                                ("momentum encoder",)),
+    "encoder_prefix": (prefixed(ONLINE, "encoder."), ONLINE, ("'encoder.' prefix",)),
+    "module_encoder_prefix": (prefixed(ONLINE, "module.encoder."), ONLINE,
+                              ("'encoder.' prefix",)),
+    "nested_state_dict": ({"state_dict": dict(ONLINE)}, ONLINE, ("torchvision layout",)),
+}
+
+
+@pytest.fixture
+def log_lines():
+    """Messages of the project logger during the test."""
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    yield lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_every_form_loads_exactly(form, tmp_path, log_lines):
+    content, expected, words = FORMS[form]
+    path = tmp_path / "weights.pth"
+    torch.save(content, path)
+    encoder, _ = build_encoder("resnet18")
+    assert load_pretrained_encoder(encoder, str(path))
+    loaded = encoder.state_dict()
+    assert set(loaded) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(loaded[name], tensor), name
+    assert any(all(w in line for w in words) and str(path) in line for line in log_lines), \
+        log_lines
+
+
+def test_empty_path_keeps_the_random_encoder_with_a_warning(log_lines):
+    encoder, _ = build_encoder("resnet18")
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    assert load_pretrained_encoder(encoder, "") is None
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
+    assert any("RANDOMLY INITIALISED" in line for line in log_lines)
+
+
+def load_error(content, tmp_path, arch="resnet18", small_images=False):
+    path = tmp_path / "bad.pth"
+    torch.save(content, path)
+    encoder, _ = build_encoder(arch, small_images)
+    with pytest.raises(UsageError) as err:
+        load_pretrained_encoder(encoder, str(path))
+    return str(err.value)
+
+
+def test_missing_keys_are_listed(tmp_path):
+    partial = {k: v for k, v in ONLINE.items() if not k.startswith("layer4.1.bn2")}
+    message = load_error(partial, tmp_path)
+    assert "missing layer4.1.bn2.bias" in message and "layer4.1.bn2.running_var" in message
+
+
+def test_no_encoder_key_at_all(tmp_path):
+    message = load_error({"head.weight": torch.zeros(2, 2)}, tmp_path)
+    assert "fits no encoder" in message and "head.weight" in message
+
+
+def test_other_arch_and_other_stem_are_refused(tmp_path):
+    assert "missing layer1.0.bn3" in load_error(dict(ONLINE), tmp_path, arch="resnet50")
+    assert "conv1.weight" in load_error(dict(ONLINE), tmp_path, small_images=True)
+
+
+def test_a_file_without_a_state_dict(tmp_path):
+    assert "no state dict" in load_error(torch.zeros(3), tmp_path)
+
+
+class Payload:
+    """A custom class: weights_only loading must refuse to build it."""
+
+
+class RunsCode:
+    """Unpickling this would run a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("make", [lambda marker: Payload(), RunsCode])
+def test_pickled_objects_are_refused(make, tmp_path):
+    marker = tmp_path / "ran"
+    message = load_error({**ONLINE, "extra": make(marker)}, tmp_path)
+    assert "pickled" in message and "weights_only" in message
+    assert not marker.exists()
+
+
+def test_script_refuses_pickled_code_with_one_line(image_folder, tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": dict(ONLINE), "hook": RunsCode(marker)}, path)
+    result = run_script("eval_knn.py", *fast_flags(image_folder, tmp_path / "out",
+                                                   "--pretrained", path))
+    assert_usage_error(result, str(path), "pickled")
+    assert not marker.exists()
+
+
+def test_script_missing_pretrained_file(image_folder, tmp_path):
+    missing = tmp_path / "nowhere.pth"
+    result = run_script("eval_knn.py", *fast_flags(image_folder, tmp_path / "out",
+                                                   "--pretrained", missing))
+    assert_usage_error(result, "not found", str(missing))
+
+
+def test_script_checkpoint_that_fits_no_encoder(image_folder, tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"state_dict": {"module.head.weight": torch.zeros(2, 2)}}, path)
+    result = run_script("eval_linear.py", *fast_flags(image_folder, tmp_path / "out",
+                                                      "--pretrained", path, "--epochs", 1))
+    assert_usage_error(result, "fits no encoder", "module.head.weight")

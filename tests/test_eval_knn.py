@@ -1,0 +1,175 @@
+"""Weighted k-NN (SPEC §6): the vote, its chunking, sharded extraction and the script."""
+import math
+import re
+import shutil
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import eval_knn
+from eval_knn import knn_classifier, knn_eval
+from helpers_eval import (TensorImages, assert_ok, assert_usage_error,  # noqa: F401
+                          extraction_worker, fast_flags, image_folder, make_image_folder,
+                          one_thread, resnet18_file, run_script, small_encoder, torchrun)
+from src.engine import extract_features
+
+
+def unit(degrees):
+    angle = math.radians(degrees)
+    return [math.cos(angle), math.sin(angle)]
+
+
+# One class-1 neighbour at similarity 1 against two class-0 neighbours at cos(40°).
+TRAIN = torch.tensor([unit(0), unit(40), unit(-40)])
+TRAIN_LABELS = torch.tensor([1, 0, 0])
+
+
+def hand_votes(T):
+    """The weighted votes of the test point unit(0), written out."""
+    near, far = math.exp(1.0 / T), math.exp(math.cos(math.radians(40)) / T)
+    return {1: near, 0: 2 * far}
+
+
+@pytest.mark.parametrize("T, winner", [(0.07, 1), (1.0, 0)])
+def test_weighting_changes_the_majority_answer(T, winner):
+    votes = hand_votes(T)
+    assert max(votes, key=votes.get) == winner  # the hand computation itself
+    test = torch.tensor([unit(0)])
+    for label in (0, 1):
+        top1, top5 = knn_classifier(TRAIN, TRAIN_LABELS, test, torch.tensor([label]), k=3,
+                                    T=T, num_classes=10)
+        assert top1 == (100.0 if label == winner else 0.0)
+        assert top5 == 100.0  # both classes got votes
+
+
+def test_plain_majority_would_pick_the_other_class():
+    # k=3 with equal weights (huge T) is a plain majority vote: class 0 (two votes).
+    top1, _ = knn_classifier(TRAIN, TRAIN_LABELS, torch.tensor([unit(0)]), torch.tensor([0]),
+                             k=3, T=1e6, num_classes=2)
+    assert top1 == 100.0
+
+
+def test_top5_looks_at_the_first_min_5_k_ranked_classes():
+    test = torch.tensor([unit(0)] * 2)
+    labels = torch.tensor([1, 0])  # class 1 wins at T=0.07, class 0 comes second
+    # k=3: the first min(5, 3) ranked classes hold both voted classes
+    top1, top5 = knn_classifier(TRAIN, TRAIN_LABELS, test, labels, k=3, num_classes=10)
+    assert (top1, top5) == (pytest.approx(50.0), pytest.approx(100.0))
+    # k=1: as in DINO, top-5 looks at min(5, k) = 1 class and equals top-1
+    top1, top5 = knn_classifier(TRAIN, TRAIN_LABELS, test, labels, k=1, num_classes=10)
+    assert (top1, top5) == (pytest.approx(50.0), pytest.approx(50.0))
+
+
+def test_k_larger_than_the_bank_uses_every_training_row():
+    top1, top5 = knn_classifier(TRAIN, TRAIN_LABELS, torch.tensor([unit(0)]),
+                                torch.tensor([1]), k=25, num_classes=1000)
+    assert (top1, top5) == (100.0, 100.0)
+
+
+def brute_force(train, train_labels, test, test_labels, k, T, num_classes):
+    """Row by row in plain Python: the reference the chunked version must match."""
+    top1 = top5 = 0
+    for row, label in zip(test, test_labels.tolist()):
+        sims = (train @ row).tolist()
+        order = sorted(range(len(sims)), key=lambda j: -sims[j])[:k]
+        votes = [0.0] * num_classes
+        for j in order:
+            votes[train_labels[j]] += math.exp(sims[j] / T)
+        ranked = sorted((c for c in range(num_classes) if votes[c] > 0), key=lambda c: -votes[c])
+        # unvoted classes tie at 0; keep the data clear of that ambiguity
+        assert len(ranked) >= min(5, k) or votes[label] > 0
+        top1 += ranked[0] == label
+        top5 += label in ranked[:min(5, k)]
+    return 100 * top1 / len(test), 100 * top5 / len(test)
+
+
+def test_chunked_search_matches_brute_force(monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    train = F.normalize(torch.randn(300, 16, generator=generator), dim=1)
+    test = F.normalize(torch.randn(50, 16, generator=generator), dim=1)
+    train_labels = torch.randint(0, 7, (300,), generator=generator)
+    test_labels = torch.randint(0, 7, (50,), generator=generator)
+    monkeypatch.setattr(eval_knn, "MAX_SIMILARITIES", 900)  # 3 test rows per chunk
+    assert eval_knn.chunk_rows(300) == 3
+    both = knn_eval(train, train_labels, test, test_labels, [1, 20], 0.1, 7,
+                    torch.device("cpu"))
+    for k in (1, 20):
+        expected = brute_force(train, train_labels, test, test_labels, k, 0.1, 7)
+        got = knn_classifier(train, train_labels, test, test_labels, k, T=0.1, num_classes=7)
+        assert got == pytest.approx(expected)
+        assert both[k] == pytest.approx(expected)
+
+
+def test_chunk_rows_bounds():
+    assert eval_knn.chunk_rows(50_000) == 1000
+    assert 100 <= eval_knn.chunk_rows(1_281_167) < 110
+
+
+def test_two_gloo_processes_extract_the_same_bank_as_one(tmp_path):
+    # 7 samples (odd: shards of 4 and 3), batch 2 (ragged last batch); label = index,
+    # so the bank must hold every sample exactly once and in dataset order.
+    generator = torch.Generator().manual_seed(0)
+    dataset = TensorImages(torch.randn(7, 3, 9, 9, generator=generator), range(7), 7)
+    mp.spawn(extraction_worker, nprocs=2, join=True,
+             args=(2, str(tmp_path / "pg"), str(tmp_path), dataset, 2, [1, 3]))
+    torch.manual_seed(0)
+    encoder = small_encoder().train()
+    bank, labels = extract_features(encoder, dataset, 2, 0, torch.device("cpu"), normalize=True)
+    single = {k: knn_classifier(bank, labels, bank, labels, k, num_classes=7) for k in (1, 3)}
+    assert encoder.training  # the train mode is given back
+    assert labels.tolist() == list(range(7))
+    assert single[1] == (100.0, 100.0)  # each row's nearest neighbour is itself
+    for rank in range(2):
+        out = torch.load(tmp_path / f"rank{rank}.pt")
+        assert out["labels"].tolist() == list(range(7))
+        assert torch.allclose(out["bank"], bank, atol=1e-6)
+        assert out["knn"] == {k: pytest.approx(v) for k, v in single.items()}
+        assert out["training"]
+
+
+def summary(result):
+    """{k: (top1, top5)} from the script's final lines."""
+    lines = re.findall(r"(\d+)-NN \(T=0.07\): top-1 ([\d.]+) top-5 ([\d.]+)", result.stdout)
+    return {int(k): (float(a), float(b)) for k, a, b in lines}
+
+
+def test_script_logs_one_summary_per_k(image_folder, resnet18_file, tmp_path):
+    dump = tmp_path / "knn"
+    result = run_script("eval_knn.py", *fast_flags(image_folder, dump, "--nb_knn", 1, 3,
+                                                   "--pretrained", resnet18_file,
+                                                   "--use_cuda", "False"))
+    assert_ok(result)
+    scores = summary(result)
+    assert list(scores) == [1, 3]
+    assert scores[1][0] == 100.0  # val/ is a copy of train/: the nearest image is itself
+    log = (dump / "out.log").read_text()
+    assert log.count("-NN (T=0.07): top-1") == 2
+    assert "encoder-only state dict" in log and "12 train and 12 val images" in log
+
+
+def test_torchrun_two_processes_match_one(image_folder, resnet18_file, tmp_path):
+    flags = ("--nb_knn", 1, 5, "--pretrained", resnet18_file)
+    one = run_script("eval_knn.py", *fast_flags(image_folder, tmp_path / "one", *flags))
+    two = run_script("eval_knn.py", *fast_flags(image_folder, tmp_path / "two", *flags),
+                     launcher=torchrun(2))
+    assert_ok(one)
+    assert_ok(two)
+    assert summary(two) == summary(one) and len(summary(one)) == 2
+    assert "2 process(es)" in two.stdout
+
+
+def test_val_classes_must_match_train(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=2, val_copy=False)
+    make_image_folder(tmp_path / "valsrc", per_class=2, classes=("n01000001", "n09999999"),
+                      val_copy=False)
+    shutil.move(tmp_path / "valsrc" / "train", data / "val")
+    result = run_script("eval_knn.py", *fast_flags(data, tmp_path / "out"))
+    assert_usage_error(result, "val split", "n09999999")
+
+
+def test_num_classes_smaller_than_the_data(image_folder, tmp_path):
+    result = run_script("eval_knn.py", *fast_flags(image_folder, tmp_path / "out",
+                                                   "--num_classes", 1))
+    assert_usage_error(result, "--num_classes 1", "2 classes")

@@ -1,0 +1,111 @@
+"""Online monitor (SPEC §7): Euclidean 5-NN, weighted k-NN and the linear classifier."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from args import get_args
+from eval_knn import knn_classifier
+from helpers_eval import TensorImages, fast_flags, image_folder, one_thread  # noqa: F401
+from src import monitor
+from src.distributed import init_distributed
+from src.models import build_encoder
+from src.monitor import OnlineMonitor, euclid_knn_predict, linear_probe_predict
+
+
+def points(*xs):
+    return torch.tensor([[float(x)] for x in xs])
+
+
+@pytest.mark.parametrize("labels, expected", [
+    ([0, 0, 1, 1, 1, 0], 1),  # plain majority: three 1s beat the two nearest 0s
+    ([1, 0, 0, 2, 2, 0], 0),  # 0 and 2 tie with two votes; 0 holds the nearer neighbour
+    ([1, 2, 0, 2, 0, 0], 2),  # same tie, now 2 is nearer: not simply the lowest label
+])
+def test_euclid_5nn_majority_vote_and_ties(labels, expected):
+    # distances to the test point 0 are 0.1 < 0.2 < 0.3 < 0.4 < 0.5 < 3 (sixth is too far)
+    train = points(0.1, -0.2, 0.3, -0.4, 0.5, 3.0)
+    prediction = euclid_knn_predict(train, torch.tensor(labels), points(0), num_classes=3)
+    assert prediction.tolist() == [expected]
+
+
+def test_euclid_chunks_give_the_same_predictions(monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    train, test = torch.randn(200, 6, generator=generator), torch.randn(37, 6, generator=generator)
+    labels = torch.randint(0, 4, (200,), generator=generator)
+    whole = euclid_knn_predict(train, labels, test, 4)
+    monkeypatch.setattr(monitor, "MAX_DISTANCES", 1000)  # 5 test rows per block
+    assert torch.equal(euclid_knn_predict(train, labels, test, 4), whole)
+    brute = [torch.bincount(labels[(train - row).norm(dim=1).argsort()[:5]], minlength=4)
+             for row in test]
+    counts = torch.stack(brute)
+    assert (counts.gather(1, whole.view(-1, 1)).squeeze(1) == counts.max(dim=1).values).all()
+
+
+def blobs(n_per_class, seed, dim=12, classes=3):
+    """Well-separated Gaussian clusters (centers 14 apart, noise 0.3 per axis)."""
+    generator = torch.Generator().manual_seed(seed)
+    centers = torch.eye(classes, dim) * 10
+    labels = torch.arange(classes).repeat_interleave(n_per_class)
+    return centers[labels] + 0.3 * torch.randn(len(labels), dim, generator=generator), labels
+
+
+def test_linear_probe_learns_deterministically_without_touching_global_rng():
+    (train_x, train_y), (test_x, test_y) = blobs(40, 0), blobs(10, 1)
+    state = torch.get_rng_state()
+    first = linear_probe_predict(train_x, train_y, test_x, 3, epochs=300, seed=0)
+    assert torch.equal(torch.get_rng_state(), state)
+    second = linear_probe_predict(train_x, train_y, test_x, 3, epochs=300, seed=0)
+    assert torch.equal(first, test_y) and torch.equal(first, second)
+    # it follows the training labels: permuted labels give permuted predictions
+    permuted = linear_probe_predict(train_x, (train_y + 1) % 3, test_x, 3, epochs=300, seed=0)
+    assert torch.equal(permuted, (test_y + 1) % 3)
+
+
+def monitor_args(**overrides):
+    values = dict(device=torch.device("cpu"), batch_size=16, workers=0, num_classes=3,
+                  nb_knn=[5, 10, 25], knn_temperature=0.07, seed=0)
+    return SimpleNamespace(**{**values, **overrides})
+
+
+def test_evaluate_returns_the_three_probes_of_the_encoder(monkeypatch):
+    (train_x, train_y), (test_x, test_y) = blobs(40, 0), blobs(10, 1)
+    test_y = (test_y + 1) % 3  # every label wrong: every probe scores 0%
+    train = TensorImages(train_x.view(-1, 3, 2, 2), train_y, 3)
+    test = TensorImages(test_x.view(-1, 3, 2, 2), test_y, 3)
+    kinds = []
+    monkeypatch.setattr(monitor, "eval_datasets",
+                        lambda args, kind: kinds.append(kind) or (train, test))
+    probe = OnlineMonitor(monitor_args(), classifier_epochs=300)
+    encoder = nn.Sequential(nn.Flatten()).train()
+    results = probe.evaluate(encoder)
+    assert kinds == ["plain"] and encoder.training
+    assert set(results) == {"knn5_euclid_top1", "wknn25_top1", "linear_top1"}
+    wknn, _ = knn_classifier(F.normalize(train_x), train_y, F.normalize(test_x), test_y, 25,
+                             T=0.07, num_classes=3)
+    assert results["wknn25_top1"] == pytest.approx(wknn) == 0.0
+    assert results["knn5_euclid_top1"] == 0.0 and results["linear_top1"] == 0.0
+    test.targets = blobs(10, 1)[1].tolist()  # the right labels: every probe is perfect
+    assert probe.evaluate(encoder) == {k: 100.0 for k in results}
+
+
+@pytest.mark.parametrize("nb_knn, k", [([5, 15, 25], 15), ([20], 20), ([100, 10], 10)])
+def test_weighted_knn_uses_20_or_the_nearest_k(nb_knn, k, monkeypatch):
+    monkeypatch.setattr(monitor, "eval_datasets", lambda args, kind: (None, None))
+    assert OnlineMonitor(monitor_args(nb_knn=nb_knn)).wknn_k == k
+
+
+def test_monitor_on_an_image_folder_is_deterministic(image_folder, tmp_path):
+    args = get_args(fast_flags(image_folder, tmp_path, "--seed", 0))
+    init_distributed(args)
+    probe = OnlineMonitor(args, classifier_epochs=10)
+    assert len(probe.train) == len(probe.test) == 12
+    torch.manual_seed(0)
+    encoder, _ = build_encoder(args.arch)
+    encoder.train()
+    first, second = probe.evaluate(encoder), probe.evaluate(encoder)
+    assert first == second and encoder.training
+    assert set(first) == {"knn5_euclid_top1", "wknn20_top1", "linear_top1"}
+    assert all(0.0 <= v <= 100.0 for v in first.values())
