@@ -13,16 +13,17 @@ from args import get_args
 from src.checkpoint import plain_args
 from src.data import dataset_info
 from src.distributed import (all_reduce_sum, cleanup, get_rank, get_world_size,
-                             init_distributed)
+                             init_distributed, is_main_process)
 from src.engine import extract_features
 from src.errors import exit_on_usage_error
 from src.eval_data import eval_datasets
-from src.logger import setup_logging
+from src.logger import save_results, setup_logging
 from src.metrics import percent
 from src.models import build_encoder
 from src.pretrained import load_pretrained_encoder
 from src.runtime import prepare_dump_path, seed_everything
 
+RESULTS = "knn_results.json"
 MAX_SIMILARITIES = 2 ** 27  # entries of one test-chunk x bank similarity block (512 MB)
 
 
@@ -112,6 +113,9 @@ def evaluate(args):
                        args.num_classes, args.device)
     for k, (top1, top5) in results.items():
         log.info(f"{k}-NN (T={args.knn_temperature}): top-1 {top1:.2f} top-5 {top5:.2f}")
+    if is_main_process():
+        save_results(args.dump_path, RESULTS,
+                     {str(k): {"top1": t1, "top5": t5} for k, (t1, t5) in results.items()})
     return results
 
 

@@ -24,7 +24,7 @@ from src.engine import AmpOptimizer, progress, train_epoch
 from src.errors import UsageError, exit_on_usage_error
 from src.eval_data import eval_datasets
 from src.loader import eval_loader, train_loader
-from src.logger import ScalarWriter, setup_logging
+from src.logger import ScalarWriter, save_results, setup_logging
 from src.metrics import percent, topk_correct
 from src.models import build_encoder
 from src.pretrained import broadcast_from_rank0, load_pretrained_encoder
@@ -33,6 +33,7 @@ from src.subsets import select_subset, subset_names
 
 CHECKPOINT = "checkpoint.pth.tar"
 BEST = "best.pth.tar"
+RESULTS = "linear_results.json"
 STEP_MILESTONES = (60, 80)  # --scheduler step: x0.1 at these epochs
 
 
@@ -247,6 +248,8 @@ def linear_eval(args):
 
     if frozen:
         verify_frozen(model.encoder, loaded, log)
+    if is_main_process():
+        save_results(args.dump_path, RESULTS, scores)
     if "best_acc" in scores:
         log.info(f"best top-1 {scores['best_acc']:.2f} top-5 {scores['best_acc5']:.2f} "
                  f"(epoch {scores['best_epoch']}); last top-1 {scores['last_acc']:.2f} "

@@ -1,4 +1,5 @@
 """Logging on rank 0 only: `out.log` + stdout for text, TensorBoard for scalars."""
+import json
 import logging
 import os
 import sys
@@ -27,6 +28,15 @@ def setup_logging(dump_path, rank):
 
 def get_logger():
     return logging.getLogger(LOGGER_NAME)
+
+
+def save_results(dump_path, name, results):
+    """Write the final scores as JSON next to out.log (rank 0), for scripts and tables."""
+    path = os.path.join(dump_path, name)
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return path
 
 
 class ScalarWriter:

@@ -1,4 +1,5 @@
 """Weighted k-NN (SPEC §6): the vote, its chunking, sharded extraction and the script."""
+import json
 import math
 import re
 import shutil
@@ -147,6 +148,9 @@ def test_script_logs_one_summary_per_k(image_folder, resnet18_file, tmp_path):
     log = (dump / "out.log").read_text()
     assert log.count("-NN (T=0.07): top-1") == 2
     assert "encoder-only state dict" in log and "12 train and 12 val images" in log
+    saved = json.loads((dump / "knn_results.json").read_text())
+    assert {k: (v["top1"], v["top5"]) for k, v in saved.items()} == \
+        {str(k): pytest.approx(v, abs=0.005) for k, v in scores.items()}
 
 
 def test_torchrun_two_processes_match_one(image_folder, resnet18_file, tmp_path):

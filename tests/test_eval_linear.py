@@ -1,5 +1,6 @@
 """Linear probe, fine-tuning and the ImageNet subsets (SPEC §5)."""
 import io
+import json
 import re
 import urllib.error
 from pathlib import Path
@@ -69,6 +70,8 @@ def test_linear_probe_keeps_the_encoder_and_resumes(image_folder, resnet18_file,
     summary = SUMMARY.findall(again.stdout)
     assert len(summary) == 1
     assert float(summary[0][3]) == pytest.approx(checkpoint["last_acc"], abs=0.005)
+    saved = json.loads((dump / "linear_results.json").read_text())
+    assert saved["last_acc"] == checkpoint["last_acc"] and saved["best_epoch"] in (1, 2)
 
 
 def test_finetune_low_shot_trains_everything(resnet18_file, tmp_path):
