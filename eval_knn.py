@@ -12,8 +12,8 @@ import torch
 from args import get_args
 from src.checkpoint import plain_args
 from src.data import dataset_info
-from src.distributed import (all_reduce_sum, cleanup, get_rank, get_world_size,
-                             init_distributed, is_main_process)
+from src.distributed import (all_reduce_sum, get_rank, get_world_size, is_main_process,
+                             run_distributed)
 from src.engine import extract_features
 from src.errors import exit_on_usage_error
 from src.eval_data import eval_datasets
@@ -121,12 +121,7 @@ def evaluate(args):
 
 @exit_on_usage_error
 def main(argv=None):
-    args = get_args(argv)
-    init_distributed(args)
-    try:
-        evaluate(args)
-    finally:
-        cleanup()
+    run_distributed(evaluate, get_args(argv))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ from args import get_args
 from src.checkpoint import (load_file, load_model_state, plain_args, save_atomic,
                             strip_prefix, with_module_prefix)
 from src.data import dataset_info
-from src.distributed import (all_reduce_sum, cleanup, init_distributed, is_main_process,
-                             main_process_first)
+from src.distributed import (all_reduce_sum, is_main_process, main_process_first,
+                             run_distributed)
 from src.engine import AmpOptimizer, progress, train_epoch
 from src.errors import UsageError, exit_on_usage_error
 from src.eval_data import eval_datasets
@@ -259,12 +259,7 @@ def linear_eval(args):
 
 @exit_on_usage_error
 def main(argv=None):
-    args = get_args(argv)
-    init_distributed(args)
-    try:
-        linear_eval(args)
-    finally:
-        cleanup()
+    run_distributed(linear_eval, get_args(argv))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from method import get_method
 from src.checkpoint import (encoder_state, load_file, load_model_state, plain_args,
                             save_atomic, strip_prefix, with_module_prefix)
 from src.data import build_pretrain_dataset
-from src.distributed import cleanup, init_distributed, is_main_process, main_process_first
+from src.distributed import is_main_process, main_process_first, run_distributed
 from src.engine import AmpOptimizer, NonFiniteLoss, train_epoch
 from src.errors import UsageError, exit_on_usage_error
 from src.loader import train_loader
@@ -132,12 +132,7 @@ def pretrain(args):
 
 @exit_on_usage_error
 def main(argv=None):
-    args = get_args(argv)
-    init_distributed(args)
-    try:
-        pretrain(args)
-    finally:
-        cleanup()
+    run_distributed(pretrain, get_args(argv))
 
 
 if __name__ == "__main__":

@@ -85,6 +85,16 @@ def cleanup():
         dist.destroy_process_group()
 
 
+def run_distributed(body, args):
+    """Start the process group (when launched by torchrun or srun), run `body(args)` on
+    every process and always tear the group down."""
+    init_distributed(args)
+    try:
+        return body(args)
+    finally:
+        cleanup()
+
+
 def barrier():
     if is_distributed():
         dist.barrier()

@@ -7,13 +7,14 @@ import pytest
 import torch
 import torchvision
 
-from helpers_eval import (assert_usage_error, fast_flags, image_folder,  # noqa: F401
-                          one_thread, run_script)
+from helpers_eval import assert_usage_error, fast_flags, run_script
 from src.checkpoint import encoder_state, with_module_prefix
 from src.errors import UsageError
 from src.logger import LOGGER_NAME
 from src.models import build_encoder, build_predictor, build_projector
 from src.pretrained import load_pretrained_encoder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def seeded_encoder(seed):

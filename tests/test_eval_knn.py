@@ -11,10 +11,11 @@ import torch.nn.functional as F
 
 import eval_knn
 from eval_knn import knn_classifier, knn_eval
-from helpers_eval import (TensorImages, assert_ok, assert_usage_error,  # noqa: F401
-                          extraction_worker, fast_flags, image_folder, make_image_folder,
-                          one_thread, resnet18_file, run_script, small_encoder, torchrun)
+from helpers_eval import (TensorImages, assert_ok, assert_usage_error, extraction_worker,
+                          fast_flags, make_image_folder, run_script, small_encoder, torchrun)
 from src.engine import extract_features
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def unit(degrees):

@@ -15,14 +15,15 @@ import eval_linear
 from args import get_args
 from eval_linear import (Classifier, build_optimizer, changed_tensors, resumed_reference,
                          snapshot)
-from helpers_eval import (SUBSET_DIR, assert_ok, assert_usage_error, fast_flags,  # noqa: F401
-                          image_folder, make_image_folder, one_thread, resnet18_file,
-                          run_script, torchrun)
+from helpers_eval import (SUBSET_DIR, assert_ok, assert_usage_error, fast_flags,
+                          make_image_folder, run_script, torchrun)
 from src import subsets
 from src.distributed import init_distributed
 from src.errors import UsageError
 from src.models import build_encoder
 from src.subsets import SUBSET_URL, parse_subset, select_subset, subset_names
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SUMMARY = re.compile(r"best top-1 ([\d.]+) top-5 ([\d.]+) \(epoch (\d+)\); "
                      r"last top-1 ([\d.]+) top-5 ([\d.]+)")

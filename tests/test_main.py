@@ -152,3 +152,10 @@ def test_help_documents_every_flag():
         for option in action.option_strings:
             assert option in result.stdout
         assert action.help, action.option_strings
+
+
+def test_readme_flag_table_is_current():
+    """The README's table is what tools/flags_table.py prints from the parser."""
+    table = subprocess.run([sys.executable, "tools/flags_table.py"], cwd=REPO,
+                           capture_output=True, text=True, timeout=120, check=True).stdout
+    assert table.strip() and table.strip() in (REPO / "README.md").read_text()

@@ -8,11 +8,13 @@ import torch.nn.functional as F
 
 from args import get_args
 from eval_knn import knn_classifier
-from helpers_eval import TensorImages, fast_flags, image_folder, one_thread  # noqa: F401
+from helpers_eval import TensorImages, fast_flags
 from src import monitor
 from src.distributed import init_distributed
 from src.models import build_encoder
 from src.monitor import OnlineMonitor, euclid_knn_predict, linear_probe_predict
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def points(*xs):

@@ -2,6 +2,7 @@
 
     python tools/flags_table.py > /tmp/flags.md
 """
+import argparse
 import sys
 from pathlib import Path
 
@@ -25,6 +26,8 @@ def rows():
 
 
 def main():
+    argparse.ArgumentParser(description="Print the README's markdown table of the flags "
+                            "of main.py, eval_knn.py and eval_linear.py.").parse_args()
     print("| flag | default | meaning |")
     print("|---|---|---|")
     for row in rows():

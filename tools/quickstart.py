@@ -6,6 +6,7 @@ again with the same --out, each step resumes from (or reuses) what it left there
 """
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -16,8 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run(command):
     command = [str(part) for part in command]
-    print("\n$ " + " ".join(["python" if part == sys.executable else part for part in command]),
-          flush=True)
+    shown = ["python" if part == sys.executable else part for part in command]
+    print("\n$ " + shlex.join(shown), flush=True)
     subprocess.run(command, cwd=REPO, check=True)
 
 

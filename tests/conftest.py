@@ -1,0 +1,37 @@
+"""Fixtures shared by the evaluation tests (helpers live in helpers_eval.py)."""
+import pytest
+import torch
+
+from helpers_eval import make_image_folder
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a small shared CPU, idle threads spinning against other
+    processes make tiny ops many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("imagefolder"))
+
+
+@pytest.fixture(scope="session")
+def resnet18_file(tmp_path_factory):
+    """An encoder-only resnet18 file (ImageNet stem), with non-default BN statistics so
+    that a load that skipped buffers would be noticed."""
+    from src.models import build_encoder
+    torch.manual_seed(1)
+    encoder, _ = build_encoder("resnet18")
+    for name, buffer in encoder.state_dict().items():
+        if name.endswith("running_mean"):
+            buffer.uniform_(-0.1, 0.1)
+        elif name.endswith("running_var"):
+            buffer.uniform_(0.8, 1.2)
+    path = tmp_path_factory.mktemp("weights") / "encoder.pth"
+    torch.save(encoder.state_dict(), path)
+    return path
