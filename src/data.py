@@ -27,6 +27,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'   # Debian dataset-fashion-mnist
 FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
                          'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
+ARCHIVES = {'cifar10': 'cifar-10-python.tar.gz', 'cifar100': 'cifar-100-python.tar.gz',
+            'stl10': 'stl10_binary.tar.gz'}   # what torchvision looks for in --data_path
 DOWNLOAD_TIMEOUT_S = 20      # per socket operation, so an offline machine fails fast
 
 
@@ -226,9 +228,9 @@ def _torchvision_dataset(name, root, split, transform):
     try:
         dataset = cls(str(root), transform=transform, download=True, **kwargs)
     except Exception as err:   # no network, HTTP error, bad archive: all mean the same here
-        raise UsageError(f'{name}: not found in --data_path {root} and could not be downloaded '
-                         f'({type(err).__name__}: {err}); put the {name} files in --data_path'
-                         ) from err
+        raise UsageError(f'{name}: not found in --data_path {root.resolve()} and could not be '
+                         f'downloaded ({type(err).__name__}: {err}); put {ARCHIVES[name]} '
+                         f'(or its extracted folder) there') from err
     finally:
         socket.setdefaulttimeout(previous)
     if name == 'stl10':        # STL10 keeps its labels in a numpy array called `labels`

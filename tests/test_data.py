@@ -1,6 +1,7 @@
 """Tests of src/data.py and src/demo_data.py: views, eval transforms, the demo
 dataset, the Fashion-MNIST reader, truncation and the clear-error cases."""
 import gzip
+import re
 import socket
 import urllib.error
 from pathlib import Path
@@ -356,7 +357,8 @@ def test_torchvision_dataset_offline_is_a_usage_error(name, module, tmp_path, mo
         raise urllib.error.URLError('[Errno -3] Temporary failure in name resolution')
     monkeypatch.setattr(f'torchvision.datasets.{module}.download_and_extract_archive', offline)
     before = socket.getdefaulttimeout()
-    with pytest.raises(UsageError, match=f'{name}: not found in --data_path .*put the {name} files'):
+    archive = re.escape(data.ARCHIVES[name])
+    with pytest.raises(UsageError, match=f'{name}: not found in --data_path .*put {archive}'):
         build_pretrain_dataset(make_args(dataset=name, data_path=str(tmp_path)))
     assert timeouts == [data.DOWNLOAD_TIMEOUT_S]       # the download ran with a timeout
     assert socket.getdefaulttimeout() == before        # ... which was restored
