@@ -58,10 +58,10 @@ def train_epoch(loader, forward, amp, *, epoch, epochs, first_iter, total_iters,
     non-finite value stops every rank before it can update the weights.
     """
     log = get_logger()
-    losses, start = [], time.perf_counter()
+    losses = []
+    start = last = time.perf_counter()
     bar = progress(loader, len(loader), f"epoch {epoch + 1}/{epochs}")
     for i, batch in enumerate(bar):
-        tick = time.perf_counter()
         iteration = first_iter + i
         scalars = before_step(iteration) if before_step else {}
         with amp.autocast():
@@ -71,7 +71,9 @@ def train_epoch(loader, forward, amp, *, epoch, epochs, first_iter, total_iters,
             raise NonFiniteLoss(f"loss is {value} at epoch {epoch + 1}, iteration {iteration}")
         amp.step(loss)
         losses.append(value)
-        scalars.update(loss=value, images_per_s=global_batch / (time.perf_counter() - tick))
+        now = time.perf_counter()  # throughput counts data loading too
+        scalars.update(loss=value, images_per_s=global_batch / (now - last))
+        last = now
         if writer is not None:
             writer.add(iteration, "train/", **scalars)
         bar.set_postfix(loss=f"{value:.4f}", refresh=False)

@@ -159,3 +159,21 @@ def test_readme_flag_table_is_current():
     table = subprocess.run([sys.executable, "tools/flags_table.py"], cwd=REPO,
                            capture_output=True, text=True, timeout=120, check=True).stdout
     assert table.strip() and table.strip() in (REPO / "README.md").read_text()
+
+
+def test_quickstart_and_benchmark_tools_run(demo_path, tmp_path):
+    """The README's quick-start command end to end (1 epoch each), and the benchmark."""
+    result = subprocess.run(
+        [sys.executable, "tools/quickstart.py", "--epochs", "1", "--linear_epochs", "1",
+         "--workers", "0", "--data_path", demo_path, "--out", str(tmp_path / "qs")],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    table = lines[next(i for i, line in enumerate(lines) if line.startswith("encoder ")):]
+    assert table[1].startswith("random init") and table[2].startswith("ReSA, 1 epochs")
+    assert all(0 <= float(x) <= 100 for row in table[1:3] for x in row.split()[-3:])
+    bench = subprocess.run([sys.executable, "tools/benchmark.py", "--arch", "resnet18",
+                            "--dataset", "demo", "--batch_size", "4", "--steps", "1",
+                            "--warmup", "0"], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+    assert bench.returncode == 0 and "images/s" in bench.stdout, bench.stderr[-2000:]

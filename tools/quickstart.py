@@ -29,14 +29,19 @@ def main():
     parser.add_argument("--epochs", type=int, default=8, help="pretraining epochs")
     parser.add_argument("--linear_epochs", type=int, default=10, help="linear-probe epochs")
     parser.add_argument("--workers", type=int, default=2, help="data-loading workers")
+    parser.add_argument("--data_path", default=None,
+                        help="where the demo data is generated (default: data/demo)")
     args = parser.parse_args()
 
     start = time.perf_counter()
     out = Path(args.out)
     demo = ["--dataset", "demo", "--workers", args.workers, "--seed", 0]
+    if args.data_path:
+        demo += ["--data_path", args.data_path]
     pretrain = out / "pretrain"
     # a short run: a faster EMA (0.99) lets the momentum encoder follow within minutes
-    run([sys.executable, "main.py", *demo, "--epochs", args.epochs, "--batch_size", 64,
+    short = ["--warmup_epochs", args.epochs] if args.epochs < 2 else []  # default warm-up: 2
+    run([sys.executable, "main.py", *demo, "--epochs", args.epochs, *short, "--batch_size", 64,
          "--momentum", 0.99, "--dump_path", pretrain])
 
     rows = []
