@@ -10,7 +10,7 @@ import sys
 from src.data import DATASETS, dataset_info
 from src.models import ARCHS
 
-SMALL_DATASETS = ("cifar10", "cifar100")  # SPEC §7: the authors' CIFAR recipe
+CIFAR_RECIPE = ("cifar10", "cifar100")  # SPEC §7: the authors' CIFAR repository
 
 
 def str2bool(value):
@@ -135,8 +135,9 @@ def build_parser():
 
     g = p.add_argument_group("online monitor (main.py, non-ImageNet datasets)")
     g.add_argument("--eval_every", type=int, default=5,
-                   help="every N epochs: 5-NN, weighted k-NN and a linear classifier on the "
-                   "momentum encoder's features; 0 disables")
+                   help="after the first epoch, every N epochs and after the last: 5-NN, "
+                   "weighted k-NN and a linear classifier on the momentum encoder's "
+                   "features; 0 disables")
 
     g = p.add_argument_group("evaluation (eval_linear.py, eval_knn.py)")
     g.add_argument("--pretrained", type=str, default="",
@@ -171,7 +172,7 @@ def build_parser():
 
 def resolve_defaults(args):
     """Fill the defaults that depend on the dataset, as the authors' two repositories do."""
-    small = args.dataset in SMALL_DATASETS
+    small = args.dataset in CIFAR_RECIPE
     info = dataset_info(args.dataset)
     if args.arch is None:
         args.arch = "resnet50" if args.dataset in ("imagenet", "stl10") else "resnet18"

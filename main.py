@@ -9,7 +9,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from args import get_args
+from args import CIFAR_RECIPE, get_args
 from method import get_method
 from src.checkpoint import (encoder_state, load_file, load_model_state, plain_args,
                             save_atomic, strip_prefix, with_module_prefix)
@@ -80,7 +80,9 @@ def pretrain(args):
 
     global_batch = args.batch_size * args.world_size
     lr = args.lr * global_batch / 256
-    amp = AmpOptimizer(build_optimizer(model, lr, args), args.device)
+    # the authors' CIFAR recipe trains in fp32 on GPU too (SPEC §7)
+    amp = AmpOptimizer(build_optimizer(model, lr, args), args.device,
+                       mixed=args.dataset not in CIFAR_RECIPE)
     iters = len(loader)
     lrs, momentums = lr_schedule(args, lr, iters), momentum_schedule(args, iters)
     checkpoint_path = os.path.join(args.dump_path, CHECKPOINT)
@@ -111,7 +113,8 @@ def pretrain(args):
             writer.add(epoch + 1, "epoch/", loss=loss)
             log.info(f"epoch {epoch + 1}/{args.epochs} done: mean loss {loss:.4f}, "
                      f"checkpoint {checkpoint_path}")
-            if monitor and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+            if monitor and (epoch == 0 or (epoch + 1) % args.eval_every == 0
+                            or epoch + 1 == args.epochs):
                 scores = monitor.evaluate(model.momentum_encoder)  # on every rank
                 writer.add(epoch + 1, "monitor/", **scores)
                 log.info(f"monitor after epoch {epoch + 1}: "

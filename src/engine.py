@@ -19,12 +19,13 @@ class NonFiniteLoss(RuntimeError):
 
 
 class AmpOptimizer:
-    """An optimizer with float16 autocast and loss scaling on CUDA, plain fp32 on CPU."""
+    """An optimizer with float16 autocast and loss scaling on CUDA (unless `mixed` is
+    False), plain fp32 on CPU."""
 
-    def __init__(self, optimizer, device):
+    def __init__(self, optimizer, device, mixed=True):
         self.optimizer = optimizer
         self.device_type = device.type
-        self.enabled = device.type == "cuda"
+        self.enabled = mixed and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled)
 
     def autocast(self):
