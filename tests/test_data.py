@@ -204,7 +204,9 @@ def test_demo_dataset_is_reused_when_marker_exists(demo_root, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError('regenerated a complete dataset')
     monkeypatch.setattr(demo_data, 'generate_demo_dataset', fail)
+    before = sorted((p, p.stat().st_mtime_ns) for p in Path(demo_root).rglob('*'))
     demo_data.ensure_demo_dataset(demo_root)
+    assert sorted((p, p.stat().st_mtime_ns) for p in Path(demo_root).rglob('*')) == before
 
 
 def test_interrupted_demo_generation_leaves_nothing(tmp_path, monkeypatch):
