@@ -8,6 +8,7 @@ import time
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from src.distributed import all_reduce_sum, gather_uneven, get_world_size, is_main_process
 from src.loader import eval_loader
@@ -62,28 +63,29 @@ def train_epoch(loader, forward, amp, *, epoch, epochs, first_iter, total_iters,
     losses = []
     start = last = time.perf_counter()
     bar = progress(loader, len(loader), f"epoch {epoch + 1}/{epochs}")
-    for i, batch in enumerate(bar):
-        iteration = first_iter + i
-        scalars = before_step(iteration) if before_step else {}
-        with amp.autocast():
-            loss = forward(batch)
-        value = mean_over_processes(loss)
-        if not math.isfinite(value):
-            raise NonFiniteLoss(f"loss is {value} at epoch {epoch + 1}, iteration {iteration}")
-        amp.step(loss)
-        losses.append(value)
-        now = time.perf_counter()  # throughput counts data loading too
-        scalars.update(loss=value, images_per_s=global_batch / (now - last))
-        last = now
-        if writer is not None:
-            writer.add(iteration, "train/", **scalars)
-        bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-        if i % log_every == 0 or i == len(loader) - 1:
-            done = iteration + 1 - first_iter
-            eta = (time.perf_counter() - start) / done * (total_iters - iteration - 1)
-            log.info(f"epoch {epoch + 1}/{epochs} iter {i + 1}/{len(loader)} "
-                     + " ".join(f"{k} {v:.4g}" for k, v in scalars.items())
-                     + f" | run ETA {eta / 3600:.2f} h")
+    with logging_redirect_tqdm(loggers=[log]):  # log lines go above the bar, not into it
+        for i, batch in enumerate(bar):
+            iteration = first_iter + i
+            scalars = before_step(iteration) if before_step else {}
+            with amp.autocast():
+                loss = forward(batch)
+            value = mean_over_processes(loss)
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"loss is {value} at epoch {epoch + 1}, "
+                                    f"iteration {iteration}")
+            amp.step(loss)
+            losses.append(value)
+            now = time.perf_counter()  # throughput counts data loading too
+            scalars.update(loss=value, images_per_s=global_batch / (now - last))
+            last = now
+            if writer is not None:
+                writer.add(iteration, "train/", **scalars)
+            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+            if i % log_every == 0 or i == len(loader) - 1:
+                eta = (now - start) / (i + 1) * (total_iters - iteration - 1)
+                log.info(f"epoch {epoch + 1}/{epochs} iter {i + 1}/{len(loader)} "
+                         + " ".join(f"{k} {v:.4g}" for k, v in scalars.items())
+                         + f" | run ETA {eta / 3600:.2f} h")
     return sum(losses) / max(len(losses), 1)
 
 
