@@ -209,9 +209,6 @@ def check_args(parser, args):
             parser.error(f"crop scales need 0 < min <= max <= 1, got ({lo}, {hi})")
     if any(not 0 <= p <= 1 for p in args.solarization_prob):
         parser.error("--solarization_prob values must lie in [0, 1]")
-    if args.dataset == "imagenet" and args.data_path is None:
-        parser.error("--data_path is required for --dataset imagenet "
-                     "(a folder with train/ and val/ ImageFolders)")
     positive = ("epochs", "batch_size", "mlp_layers", "mlp_dim", "emb")
     for name in positive:
         if getattr(args, name) <= 0:

@@ -255,7 +255,8 @@ def _image_folder(root, split, transform):
 def _data_root(args):
     """`args.data_path` as a Path, checked as far as the dataset needs it."""
     if not args.data_path:
-        raise UsageError('--data_path is required')
+        raise UsageError('--data_path is required for --dataset imagenet (a folder with '
+                         'train/ and val/ ImageFolders)')
     root = Path(args.data_path).expanduser()
     if root.exists() and not root.is_dir():
         raise UsageError(f'--data_path {root} is not a folder')

@@ -102,6 +102,7 @@ def test_bad_data_and_dump_paths(demo_path, tmp_path):
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     cases = {
+        "no data path": [],
         "missing": ["--data_path", str(tmp_path / "missing")],
         "empty": ["--data_path", str(empty)],
         "no images": ["--data_path", str(no_images)],
@@ -139,6 +140,8 @@ def test_authors_flags_parse_unchanged():
                      "--warmup_epochs", "10", "--lr", "0.4", "--batch_size", "256"])
     assert (args.epochs, args.warmup_epochs, args.lr, args.arch) == (200, 10, 0.4, "resnet50")
     assert (args.optimizer, args.wd, args.temperature, args.momentum) == ("sgd", 1e-5, 0.4, 0.996)
+    # the parser alone never needs the data: a model can be built from bare flags
+    assert get_args(["--arch", "resnet18"]).data_path is None
     cifar = get_args(["--dataset", "cifar10", "--dump_path", "Y"])
     assert (cifar.arch, cifar.epochs, cifar.lr, cifar.wd, cifar.crops_size) == \
         ("resnet18", 1000, 0.3, 1e-4, [32])
