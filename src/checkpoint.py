@@ -8,6 +8,7 @@ import os
 import pickle
 import tempfile
 
+import numpy as np
 import torch
 
 from src.errors import UsageError
@@ -33,12 +34,20 @@ def save_atomic(obj, path):
         raise
 
 
+# The authors' training loop stores numpy scalars (the scheduled lr) in the optimizer
+# state of their checkpoints. Numpy scalars and dtypes are data, not code: allow them.
+_NUMPY_SCALARS = [(getattr(np, "_core", None) or np.core).multiarray.scalar, np.dtype,
+                  *{type(np.dtype(t)) for t in (np.float16, np.float32, np.float64,
+                                                np.int32, np.int64, np.bool_)}]
+
+
 def load_file(path):
     """torch.load with weights_only=True on CPU; bad files become one clear UsageError."""
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_NUMPY_SCALARS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         reason = [line for line in str(err).splitlines() if "Unsupported" in line]
         detail = f" ({reason[0].strip()})" if reason else ""

@@ -3,6 +3,7 @@
 import logging
 import os
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -52,8 +53,10 @@ FORMS = {
     "ours": ({"epoch": 3, "state_dict": with_module_prefix(full_state()),
               "optimizer": {"state": {}, "param_groups": []}, "args": {"arch": "resnet18"}},
              MOMENTUM, ("momentum encoder", "epoch 3")),
+    # the authors' loop writes the scheduled lr into the optimizer as a numpy float64
     "authors_full": ({"epoch": 100, "state_dict": with_module_prefix(full_state()),
-                      "optimizer": {"state": {}, "param_groups": []}},
+                      "optimizer": {"state": {}, "param_groups": [
+                          {"lr": np.float64(0.05), "momentum": 0.9, "params": [0]}]}},
                      MOMENTUM, ("momentum encoder", "epoch 100")),
     "our_export": (encoder_state(with_module_prefix(full_state())), MOMENTUM,
                    ("torchvision layout",)),
