@@ -15,8 +15,8 @@ from src.checkpoint import (encoder_state, load_file, load_model_state, plain_ar
                             save_atomic, strip_prefix, with_module_prefix)
 from src.data import build_pretrain_dataset
 from src.distributed import is_main_process, main_process_first, run_distributed
-from src.engine import AmpOptimizer, NonFiniteLoss, train_epoch
-from src.errors import UsageError, exit_on_usage_error
+from src.engine import AmpOptimizer, train_epoch
+from src.errors import NonFiniteLoss, UsageError, exit_on_usage_error
 from src.loader import train_loader
 from src.logger import ScalarWriter, setup_logging
 from src.monitor import OnlineMonitor

@@ -12,11 +12,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from src.distributed import all_reduce_sum, gather_uneven, get_world_size, is_main_process
 from src.loader import eval_loader
+from src.errors import NonFiniteLoss
 from src.logger import get_logger
-
-
-class NonFiniteLoss(RuntimeError):
-    """Raised on every rank when the averaged loss is NaN or infinite."""
 
 
 class AmpOptimizer:

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from src.engine import AmpOptimizer, NonFiniteLoss, train_epoch
+from src.engine import AmpOptimizer, train_epoch
+from src.errors import NonFiniteLoss
 
 
 @pytest.mark.filterwarnings("ignore:torch.cuda.amp.GradScaler is enabled")
@@ -36,3 +37,20 @@ def test_train_epoch_returns_the_mean_loss():
     loss = train_epoch(batches, lambda b: (weight + b).sum(), amp, epoch=0, epochs=1,
                        first_iter=0, total_iters=2, global_batch=1)
     assert loss == pytest.approx(2.0)
+
+
+def test_script_wrapper_turns_errors_into_one_line_and_exit_codes(capsys):
+    from src.errors import UsageError, exit_on_usage_error
+
+    def failing(error):
+        @exit_on_usage_error
+        def main():
+            raise error
+        return main
+
+    for error, code in ((UsageError("bad flag"), 2), (NonFiniteLoss("loss is nan"), 1)):
+        with pytest.raises(SystemExit) as exit_info:
+            failing(error)()
+        assert exit_info.value.code == code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].endswith(f"error: {error}")
