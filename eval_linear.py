@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import CosineAnnealingLR, MultiStepLR
 
 from args import get_args
-from src.checkpoint import (load_file, load_model_state, plain_args, save_atomic,
-                            strip_prefix, with_module_prefix)
+from src.checkpoint import plain_args, restore, save_atomic, with_module_prefix
 from src.data import dataset_info
 from src.distributed import (all_reduce_sum, is_main_process, main_process_first,
                              run_distributed)
@@ -114,23 +113,13 @@ def validate(model, dataset, args, amp):
     return percent(counts[0], counts[2]), percent(counts[1], counts[2])
 
 
-def resume(path, model, optimizer, scheduler, amp, log):
+def resume(path, model, scheduler, amp, log):
     """Restore a run from `path`; return (epochs done, scores) or (0, {}) if none."""
-    if not os.path.isfile(path):
+    checkpoint = restore(path, model, amp, ("epoch", "optimizer", "scheduler"),
+                         "eval_linear.py")
+    if checkpoint is None:
         return 0, {}
-    checkpoint = load_file(path)
-    needed = ("epoch", "state_dict", "optimizer", "scheduler")
-    if not all(key in checkpoint for key in needed):
-        raise UsageError(f"{path} is not an eval_linear.py checkpoint (needs "
-                         f"{', '.join(needed)}); use another --dump_path")
-    load_model_state(model, strip_prefix(checkpoint["state_dict"], "module."), path)
-    try:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    except ValueError as err:
-        raise UsageError(f"{path} was written with other settings (--weights?): {err}")
     scheduler.load_state_dict(checkpoint["scheduler"])
-    if "scaler" in checkpoint and amp.enabled:
-        amp.scaler.load_state_dict(checkpoint["scaler"])
     scores = {k: checkpoint[k] for k in ("best_acc", "best_acc5", "best_epoch", "last_acc",
                                          "last_acc5") if k in checkpoint}
     log.info(f"resumed from {path} after epoch {checkpoint['epoch']}")
@@ -194,7 +183,7 @@ def linear_eval(args):
                  f"schedule")
     amp = AmpOptimizer(optimizer, args.device)
     checkpoint_path = os.path.join(args.dump_path, CHECKPOINT)
-    start_epoch, scores = resume(checkpoint_path, model, optimizer, scheduler, amp, log)
+    start_epoch, scores = resume(checkpoint_path, model, scheduler, amp, log)
     if frozen and start_epoch:
         loaded = resumed_reference(model.encoder, loaded, args, checkpoint_path)
 

@@ -11,8 +11,7 @@ import torch.nn as nn
 
 from args import CIFAR_RECIPE, get_args
 from method import get_method
-from src.checkpoint import (encoder_state, load_file, load_model_state, plain_args,
-                            save_atomic, strip_prefix, with_module_prefix)
+from src.checkpoint import encoder_state, plain_args, restore, save_atomic, with_module_prefix
 from src.data import build_pretrain_dataset
 from src.distributed import is_main_process, main_process_first, run_distributed
 from src.engine import AmpOptimizer, train_epoch
@@ -36,17 +35,10 @@ def build_optimizer(model, lr, args):
 
 
 def resume(path, model, amp, log):
-    """Load model/optimizer/scaler from `path` if it exists; return the epoch to start."""
-    if not os.path.isfile(path):
+    """Restore a run from `path` if it exists; return the epoch to start from."""
+    checkpoint = restore(path, model, amp, ("epoch",), "pretraining")
+    if checkpoint is None:
         return 0
-    checkpoint = load_file(path)
-    if "state_dict" not in checkpoint or "epoch" not in checkpoint:
-        raise UsageError(f"{path} is not a pretraining checkpoint (no 'epoch'/'state_dict')")
-    load_model_state(model, strip_prefix(checkpoint["state_dict"], "module."), path)
-    if "optimizer" in checkpoint:
-        amp.optimizer.load_state_dict(checkpoint["optimizer"])
-    if "scaler" in checkpoint and amp.enabled:
-        amp.scaler.load_state_dict(checkpoint["scaler"])
     log.info(f"resumed from {path} after epoch {checkpoint['epoch']}")
     return checkpoint["epoch"]
 

@@ -83,14 +83,38 @@ def load_model_state(model, state_dict, source):
     unexpected = sorted(set(state_dict) - set(model.state_dict()))
     if missing or unexpected:
         raise UsageError(f"{source} does not fit this model (different --arch or network "
-                         f"flags?): missing {_few(missing)}; unexpected {_few(unexpected)}")
+                         f"flags?): missing {few_keys(missing)}; unexpected {few_keys(unexpected)}")
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as err:
         raise UsageError(f"{source} does not fit this model: {str(err).splitlines()[-1].strip()}")
 
 
-def _few(keys, n=5):
+def restore(path, model, amp, required, kind):
+    """Resume a run: load model, optimizer and AMP scaler from `path` when it exists.
+
+    Returns the checkpoint dict (None without a file); a file lacking `required` keys
+    or written with other settings is a UsageError.
+    """
+    if not os.path.isfile(path):
+        return None
+    checkpoint = load_file(path)
+    missing = [key for key in ("state_dict", *required) if key not in checkpoint]
+    if missing:
+        raise UsageError(f"{path} is not a {kind} checkpoint (no {', '.join(missing)}); "
+                         f"use another --dump_path")
+    load_model_state(model, strip_prefix(checkpoint["state_dict"], "module."), path)
+    if "optimizer" in checkpoint:
+        try:
+            amp.optimizer.load_state_dict(checkpoint["optimizer"])
+        except ValueError as err:
+            raise UsageError(f"{path} was written with other settings: {err}")
+    if "scaler" in checkpoint and amp.enabled:
+        amp.scaler.load_state_dict(checkpoint["scaler"])
+    return checkpoint
+
+
+def few_keys(keys, n=5):
     if not keys:
         return "none"
     more = f" and {len(keys) - n} more" if len(keys) > n else ""

@@ -95,11 +95,6 @@ def run_distributed(body, args):
         cleanup()
 
 
-def barrier():
-    if is_distributed():
-        dist.barrier()
-
-
 @torch.no_grad()
 def gather(tensor):
     """Concatenate `tensor` from every process in rank order (no gradient)."""
@@ -129,12 +124,6 @@ def gather_uneven(tensor):
     padded[: tensor.shape[0]] = tensor
     parts = gather(padded).split(max(sizes))
     return torch.cat([part[:n] for part, n in zip(parts, sizes)])
-
-
-def reduce_mean(value, device):
-    """Average a Python float over processes (for logging)."""
-    tensor = torch.tensor([float(value)], device=device, dtype=torch.float64)
-    return all_reduce_sum(tensor).item() / get_world_size()
 
 
 def main_process_first(fn):

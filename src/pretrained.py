@@ -5,7 +5,7 @@ load, the refusal of files that fit no encoder, and a log line saying what was f
 """
 import torch.distributed as dist
 
-from src.checkpoint import encoder_state, load_file, load_model_state
+from src.checkpoint import encoder_state, few_keys, load_file, load_model_state
 from src.distributed import is_distributed
 from src.errors import UsageError
 from src.logger import get_logger
@@ -59,9 +59,8 @@ def load_pretrained_encoder(encoder, path):
     state = encoder_state(checkpoint)
     wanted = encoder.state_dict()
     if not set(state) & set(wanted):
-        found = ", ".join(sorted(map(str, tensors))[:5]) or "no keys"
-        raise UsageError(f"{path} fits no encoder: it holds {found}{', ...' * (len(tensors) > 5)}"
-                         f" but no encoder key such as {', '.join(list(wanted)[:3])}")
+        raise UsageError(f"{path} fits no encoder: it holds {few_keys(sorted(map(str, tensors)))}"
+                         f" but no encoder key such as {few_keys(list(wanted), 3)}")
     load_model_state(encoder, state, path)
     form = describe_checkpoint(checkpoint)
     epoch = checkpoint.get("epoch")
