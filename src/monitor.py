@@ -9,37 +9,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from eval_knn import knn_classifier
 from src.engine import extract_features
 from src.eval_data import eval_datasets
+from src.knn import euclid_knn_predict, knn_classifier
 from src.metrics import percent
 
 WKNN_K = 20          # weighted k-NN neighbours, or the nearest value of --nb_knn
 LINEAR_BATCH = 1000
 LINEAR_LR, LINEAR_FINAL_LR, LINEAR_WD = 1e-2, 1e-6, 5e-6
-MAX_DISTANCES = 2 ** 25  # entries of one test-chunk x train distance block
-
-
-@torch.no_grad()
-def euclid_knn_predict(train_x, train_y, test_x, num_classes, k=5):
-    """Majority vote of the k Euclidean-nearest training rows (k <= 60).
-
-    Ties go to the class that holds the nearest neighbour: each neighbour j (0 = the
-    nearest) adds 2^k + 2^(k-1-j) to its class, so counts decide first and, among equal
-    counts, the integer comparison is the lexicographic one of the neighbours' ranks.
-    """
-    k = min(k, train_x.shape[0])
-    weights = 2 ** k + 2 ** torch.arange(k - 1, -1, -1, device=train_x.device)
-    rows = max(1, MAX_DISTANCES // max(train_x.shape[0], 1))
-    predictions = []
-    for start in range(0, test_x.shape[0], rows):
-        distances = torch.cdist(test_x[start:start + rows], train_x)
-        labels = train_y[distances.topk(k, dim=1, largest=False).indices]
-        scores = torch.zeros(labels.shape[0], num_classes, dtype=torch.long,
-                             device=labels.device)
-        scores.scatter_add_(1, labels, weights.expand_as(labels))
-        predictions.append(scores.argmax(dim=1))
-    return torch.cat(predictions) if predictions else test_x.new_zeros(0, dtype=torch.long)
 
 
 def linear_probe_predict(train_x, train_y, test_x, num_classes, epochs, seed):

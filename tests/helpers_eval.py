@@ -96,7 +96,7 @@ def small_encoder():
 
 def extraction_worker(rank, world_size, init_file, out_dir, dataset, batch_size, ks):
     """One of `world_size` gloo processes: extract the bank and run the sharded k-NN."""
-    from eval_knn import knn_eval
+    from src.knn import knn_eval
     from src.engine import extract_features
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,

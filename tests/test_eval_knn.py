@@ -9,8 +9,8 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-import eval_knn
-from eval_knn import knn_classifier, knn_eval
+from src import knn
+from src.knn import knn_classifier, knn_eval
 from helpers_eval import (TensorImages, assert_ok, assert_usage_error, extraction_worker,
                           fast_flags, make_image_folder, run_script, small_encoder, torchrun)
 from src.engine import extract_features
@@ -93,8 +93,8 @@ def test_chunked_search_matches_brute_force(monkeypatch):
     test = F.normalize(torch.randn(50, 16, generator=generator), dim=1)
     train_labels = torch.randint(0, 7, (300,), generator=generator)
     test_labels = torch.randint(0, 7, (50,), generator=generator)
-    monkeypatch.setattr(eval_knn, "MAX_SIMILARITIES", 900)  # 3 test rows per chunk
-    assert eval_knn.chunk_rows(300) == 3
+    monkeypatch.setattr(knn, "MAX_SIMILARITIES", 900)  # 3 test rows per chunk
+    assert knn.chunk_rows(300) == 3
     both = knn_eval(train, train_labels, test, test_labels, [1, 20], 0.1, 7,
                     torch.device("cpu"))
     for k in (1, 20):
@@ -105,8 +105,8 @@ def test_chunked_search_matches_brute_force(monkeypatch):
 
 
 def test_chunk_rows_bounds():
-    assert eval_knn.chunk_rows(50_000) == 1000
-    assert 100 <= eval_knn.chunk_rows(1_281_167) < 110
+    assert knn.chunk_rows(50_000) == 1000
+    assert 100 <= knn.chunk_rows(1_281_167) < 110
 
 
 def test_two_gloo_processes_extract_the_same_bank_as_one(tmp_path):

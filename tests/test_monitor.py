@@ -7,12 +7,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from args import get_args
-from eval_knn import knn_classifier
 from helpers_eval import TensorImages, fast_flags
-from src import monitor
+from src import knn, monitor
 from src.distributed import init_distributed
 from src.models import build_encoder
-from src.monitor import OnlineMonitor, euclid_knn_predict, linear_probe_predict
+from src.knn import euclid_knn_predict, knn_classifier
+from src.monitor import OnlineMonitor, linear_probe_predict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,7 +38,7 @@ def test_euclid_chunks_give_the_same_predictions(monkeypatch):
     train, test = torch.randn(200, 6, generator=generator), torch.randn(37, 6, generator=generator)
     labels = torch.randint(0, 4, (200,), generator=generator)
     whole = euclid_knn_predict(train, labels, test, 4)
-    monkeypatch.setattr(monitor, "MAX_DISTANCES", 1000)  # 5 test rows per block
+    monkeypatch.setattr(knn, "MAX_DISTANCES", 1000)  # 5 test rows per block
     assert torch.equal(euclid_knn_predict(train, labels, test, 4), whole)
     brute = [torch.bincount(labels[(train - row).norm(dim=1).argsort()[:5]], minlength=4)
              for row in test]
