@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from args import CIFAR_RECIPE, get_args
 from method import get_method
-from src.checkpoint import encoder_state, plain_args, restore, save_atomic, with_module_prefix
+from src.checkpoint import plain_args, restore, save_atomic, with_module_prefix
 from src.data import build_pretrain_dataset
 from src.distributed import is_main_process, main_process_first, run_distributed
 from src.engine import AmpOptimizer, train_epoch
@@ -121,7 +121,7 @@ def pretrain(args):
 
     if is_main_process():
         export = os.path.join(args.dump_path, ENCODER_EXPORT)
-        save_atomic(encoder_state(with_module_prefix(model.state_dict())), export)
+        save_atomic(model.momentum_encoder.state_dict(), export)
         log.info(f"momentum encoder saved in torchvision layout (no fc) to {export}")
 
 

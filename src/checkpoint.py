@@ -35,26 +35,34 @@ def save_atomic(obj, path):
 
 
 # The authors' training loop stores numpy scalars (the scheduled lr) in the optimizer
-# state of their checkpoints. Numpy scalars and dtypes are data, not code: allow them.
-_NUMPY_SCALARS = [(getattr(np, "_core", None) or np.core).multiarray.scalar, np.dtype,
-                  *{type(np.dtype(t)) for t in (np.float16, np.float32, np.float64,
-                                                np.int32, np.int64, np.bool_)}]
+# state of their checkpoints, pickled under numpy 1.x as `numpy.core.multiarray.scalar`
+# (numpy 2 writes `numpy._core...`). Numpy scalars and dtypes are data, not code: allow
+# both names.
+_SCALAR = (getattr(np, "_core", None) or np.core).multiarray.scalar
+_NUMPY_DATA = [_SCALAR, (_SCALAR, "numpy.core.multiarray.scalar"), np.dtype,
+               *{type(np.dtype(t)) for t in (np.float16, np.float32, np.float64,
+                                             np.int32, np.int64, np.bool_)}]
 
 
 def load_file(path):
-    """torch.load with weights_only=True on CPU; bad files become one clear UsageError."""
+    """torch.load with weights_only=True on CPU; any file that does not load as a
+    checkpoint of tensors and plain values becomes one clear UsageError."""
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint not found: {path}")
     try:
-        with torch.serialization.safe_globals(_NUMPY_SCALARS):
+        with torch.serialization.safe_globals(_NUMPY_DATA):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = [line for line in str(err).splitlines() if "Unsupported" in line]
-        detail = f" ({reason[0].strip()})" if reason else ""
+        reason = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line]
+        if not reason:  # foreign bytes, not a refused class
+            raise UsageError(f"{path} is not a readable PyTorch checkpoint (not a pickle "
+                             f"of tensors and plain values)")
+        detail = f" ({reason[0]})"
         raise UsageError(f"{path} holds pickled objects or code that weights_only loading "
                          f"refuses; only tensors and plain containers are loaded{detail}")
-    except (RuntimeError, EOFError, ValueError, OSError) as err:
-        raise UsageError(f"{path} is not a readable PyTorch checkpoint ({err})")
+    except Exception as err:  # torch.load on foreign bytes raises KeyError, EOFError, ...
+        raise UsageError(f"{path} is not a readable PyTorch checkpoint "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
 
 
 def plain_args(args):
@@ -121,19 +129,35 @@ def few_keys(keys, n=5):
     return ", ".join(keys[:n]) + more
 
 
-def encoder_state(checkpoint):
-    """The encoder weights of any checkpoint form users have, in torchvision layout.
+ENCODER_PREFIXES = ("momentum_encoder.", "encoder.", "backbone.")  # in order of preference
+
+
+def encoder_form(checkpoint):
+    """(encoder weights in torchvision layout, a short description of the form) of any
+    checkpoint form users have.
 
     A full checkpoint (ours or the authors', `state_dict` with `module.` keys) gives its
-    momentum encoder; an encoder-only file may carry `module.`, `momentum_encoder.` or
-    `encoder.` prefixes and a torchvision `fc` head, which is dropped.
+    momentum encoder; an encoder-only file may carry `module.`, `momentum_encoder.`,
+    `encoder.` or `backbone.` prefixes and a torchvision `fc` head, which is dropped.
+    Tensors that are not under the chosen prefix are ignored.
     """
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else {}
-    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    for prefix in ("momentum_encoder.", "encoder.", "backbone."):
+    nested = isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict)
+    state = checkpoint["state_dict"] if nested else checkpoint
+    state = {k.removeprefix("module."): v for k, v in state.items()
+             if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
+    for prefix in ENCODER_PREFIXES:
         picked = strip_prefix(state, prefix)
-        if picked:
-            state = picked
-            break
-    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+        if not picked:
+            continue
+        if prefix != "momentum_encoder.":
+            form = f"checkpoint with an '{prefix}' prefix"
+        elif any(k.startswith(("encoder.", "projector.")) for k in state):
+            form = "full checkpoint: its momentum encoder"
+        else:
+            form = "momentum encoder alone ('momentum_encoder.' keys)"
+        break
+    else:
+        picked, form = state, "encoder-only state dict, torchvision layout"
+        if any(k.startswith("fc.") for k in picked):
+            form += " (its fc head dropped)"
+    return {k: v for k, v in picked.items() if not k.startswith("fc.")}, form

@@ -1,11 +1,11 @@
 """Loading the encoder to evaluate from any checkpoint form users have (SPEC §5).
 
-The key mapping lives in `src.checkpoint.encoder_state`; this module adds the strict
+The key mapping lives in `src.checkpoint.encoder_form`; this module adds the strict
 load, the refusal of files that fit no encoder, and a log line saying what was found.
 """
 import torch.distributed as dist
 
-from src.checkpoint import encoder_state, few_keys, load_file, load_model_state
+from src.checkpoint import encoder_form, few_keys, load_file, load_model_state
 from src.distributed import is_distributed
 from src.errors import UsageError
 from src.logger import get_logger
@@ -17,26 +17,6 @@ def broadcast_from_rank0(module):
     if is_distributed():
         for tensor in module.state_dict().values():
             dist.broadcast(tensor, src=0)
-
-
-def describe_checkpoint(checkpoint):
-    """A short human description of the checkpoint form (for the log only)."""
-    nested = isinstance(checkpoint.get("state_dict"), dict)
-    keys = [k[len("module."):] if k.startswith("module.") else k
-            for k in (checkpoint["state_dict"] if nested else checkpoint)]
-
-    def has(prefix):
-        return any(k.startswith(prefix) for k in keys)
-
-    if has("momentum_encoder."):
-        if has("encoder.") or has("projector."):
-            return "full checkpoint: its momentum encoder"
-        return "momentum encoder alone ('momentum_encoder.' keys)"
-    for prefix in ("encoder.", "backbone."):
-        if has(prefix):
-            return f"checkpoint with an '{prefix}' prefix"
-    return "encoder-only state dict, torchvision layout" + (
-        " (its fc head dropped)" if has("fc.") else "")
 
 
 def load_pretrained_encoder(encoder, path):
@@ -56,13 +36,12 @@ def load_pretrained_encoder(encoder, path):
     tensors = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(tensors, dict):
         raise UsageError(f"{path} holds no state dict of tensors")
-    state = encoder_state(checkpoint)
+    state, form = encoder_form(checkpoint)
     wanted = encoder.state_dict()
     if not set(state) & set(wanted):
         raise UsageError(f"{path} fits no encoder: it holds {few_keys(sorted(map(str, tensors)))}"
                          f" but no encoder key such as {few_keys(list(wanted), 3)}")
     load_model_state(encoder, state, path)
-    form = describe_checkpoint(checkpoint)
     epoch = checkpoint.get("epoch")
     saved = f", saved after epoch {epoch}" if epoch is not None else ""
     log.info(f"loaded {len(state)} encoder tensors from {path} ({form}{saved})")

@@ -2,6 +2,7 @@
 (SPEC §5); anything else is one clear line with exit code 2."""
 import logging
 import os
+import zipfile
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 import torchvision
 
 from helpers_eval import assert_usage_error, fast_flags, run_script
-from src.checkpoint import encoder_state, with_module_prefix
+from src.checkpoint import encoder_form, load_file, with_module_prefix
 from src.errors import UsageError
 from src.logger import LOGGER_NAME
 from src.models import build_encoder, build_predictor, build_projector
@@ -58,7 +59,7 @@ FORMS = {
                       "optimizer": {"state": {}, "param_groups": [
                           {"lr": np.float64(0.05), "momentum": 0.9, "params": [0]}]}},
                      MOMENTUM, ("momentum encoder", "epoch 100")),
-    "our_export": (encoder_state(with_module_prefix(full_state())), MOMENTUM,
+    "our_export": (encoder_form(with_module_prefix(full_state()))[0], MOMENTUM,
                    ("torchvision layout",)),
     "torchvision_with_fc": (torchvision_resnet18(), MOMENTUM, ("fc head dropped",)),
     "module_prefix": (prefixed(ONLINE, "module."), ONLINE, ("torchvision layout",)),
@@ -99,6 +100,41 @@ def test_every_form_loads_exactly(form, tmp_path, log_lines):
         assert torch.equal(loaded[name], tensor), name
     assert any(all(w in line for w in words) and str(path) in line for line in log_lines), \
         log_lines
+
+
+def save_as_numpy1(content, path):
+    """torch.save `content`, then rename numpy 2's scalar constructor in the pickle to
+    the numpy 1.x name that the authors' released files carry."""
+    torch.save(content, path.with_suffix(".np2"))
+    with zipfile.ZipFile(path.with_suffix(".np2")) as src, \
+            zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray\nscalar" in data
+                data = data.replace(b"numpy._core.multiarray\nscalar",
+                                    b"numpy.core.multiarray\nscalar")
+            dst.writestr(info.filename, data)
+
+
+def test_authors_numpy1_checkpoint_loads(tmp_path, log_lines):
+    content, expected, _ = FORMS["authors_full"]
+    path = tmp_path / "resa_full.pth"
+    save_as_numpy1(content, path)
+    assert b"numpy.core.multiarray\nscalar" in zipfile.ZipFile(path).read("resa_full/data.pkl")
+    encoder, _ = build_encoder("resnet18")
+    assert load_pretrained_encoder(encoder, str(path)) == "full checkpoint: its momentum encoder"
+    assert all(torch.equal(encoder.state_dict()[k], v) for k, v in expected.items())
+    lr = load_file(str(path))["optimizer"]["param_groups"][0]["lr"]
+    assert isinstance(lr, np.float64) and lr == 0.05
+
+
+@pytest.mark.parametrize("content", [b"hello, this is a text file\n", bytes(range(256)) * 4, b""])
+def test_files_that_are_not_checkpoints(content, tmp_path):
+    path = tmp_path / "notes.pth"
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match="is not a readable PyTorch checkpoint"):
+        load_file(str(path))
 
 
 def test_empty_path_keeps_the_random_encoder_with_a_warning(log_lines):
@@ -175,6 +211,14 @@ def test_script_missing_pretrained_file(image_folder, tmp_path):
     result = run_script("eval_knn.py", *fast_flags(image_folder, tmp_path / "out",
                                                    "--pretrained", missing))
     assert_usage_error(result, "not found", str(missing))
+
+
+def test_script_text_file_as_pretrained(image_folder, tmp_path):
+    path = tmp_path / "README.txt"
+    path.write_text("not a checkpoint\n")
+    result = run_script("eval_linear.py", *fast_flags(image_folder, tmp_path / "out",
+                                                      "--pretrained", path, "--epochs", 1))
+    assert_usage_error(result, str(path), "not a readable PyTorch checkpoint")
 
 
 def test_script_checkpoint_that_fits_no_encoder(image_folder, tmp_path):
