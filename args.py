@@ -1,16 +1,28 @@
 """The one command-line parser shared by main.py, eval_linear.py and eval_knn.py.
 
 Flag names and defaults follow the authors' repository (winci-ai/resa) so that their
-commands run unchanged; defaults that depend on the dataset or the architecture are
-resolved after parsing (see `resolve_defaults`).
+commands run unchanged. Every script accepts every flag (the authors' commands pass
+some flags to scripts that ignore them), but each script's `--help` lists first the
+flags it reads. Defaults that depend on the dataset, the architecture or the script
+are resolved after parsing (see `resolve_defaults`).
 """
 import argparse
 import sys
 
-from src.data import DATASETS, dataset_info
-from src.models import ARCHS
+import torch
 
-CIFAR_RECIPE = ("cifar10", "cifar100")  # SPEC §7: the authors' CIFAR repository
+from src.data import CIFAR_RECIPE, DATASETS, dataset_info
+from src.models import ARCHS
+from src.optim import PRECISIONS
+
+SCRIPTS = {
+    "main": "ReSA self-supervised pretraining: `python main.py ...` runs one process, "
+            "`torchrun ... main.py ...` one per GPU (or CPU process).",
+    "eval_linear": "Linear probe (--weights freeze) or fine-tuning (--weights finetune) of a "
+                   "pretrained encoder with a linear head.",
+    "eval_knn": "Weighted k-NN evaluation of a pretrained encoder, as in DINO.",
+}
+ALL, MAIN, LINEAR, KNN = set(SCRIPTS), {"main"}, {"eval_linear"}, {"eval_knn"}
 
 
 def str2bool(value):
@@ -23,11 +35,166 @@ def str2bool(value):
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
+# (group, read by, option strings, argparse keywords), in the order --help shows them
+FLAGS = [
+    ("run", ALL, ("--dump_path",), dict(
+        type=str, default=".",
+        help="folder for checkpoints, out.log and TensorBoard events; a run resumes "
+        "automatically from the checkpoint found here")),
+    ("run", ALL, ("--seed",), dict(
+        type=int, default=None,
+        help="random seed (python, numpy, torch; offset by rank for data); unset = "
+        "nondeterministic")),
+    ("run", ALL, ("--precision",), dict(
+        type=str, default=None, choices=PRECISIONS,
+        help="fp16 = float16 autocast with loss scaling (CUDA only), bf16 = bfloat16 "
+        "autocast (CUDA or CPU), fp32 = no autocast; Sinkhorn-Knopp is fp32 in every mode "
+        "(default: fp16 for main.py on CUDA, the authors' choice; fp32 for the CIFAR "
+        "recipe, for eval_linear.py and eval_knn.py, and on CPU)")),
+
+    ("data", ALL, ("--dataset",), dict(
+        type=str, default="imagenet", choices=DATASETS,
+        help="imagenet = any ImageFolder with train/ (and val/) under --data_path; "
+        "cifar10/cifar100/stl10 through torchvision; fashion_mnist from the Debian "
+        "package dataset-fashion-mnist; demo = a small synthetic ImageFolder this project "
+        "generates into --data_path")),
+    ("data", ALL, ("--data_path",), dict(
+        type=str, default=None,
+        help="dataset folder (required for imagenet; default: ./data for torchvision "
+        "datasets and fashion_mnist, ./data/demo for demo)")),
+    ("data", MAIN, ("--crops_nmb",), dict(
+        type=int, nargs="+", default=[1],
+        help="number of strong views per crop group, e.g. 1 or 1 6")),
+    ("data", ALL, ("--crops_size",), dict(
+        type=int, nargs="+", default=None,
+        help="crop resolution per group; the weak view and the evaluations use the first "
+        "(default: 224; 32 on CIFAR/fashion_mnist/demo, 96 on stl10)")),
+    ("data", MAIN, ("--crops_min_scale",), dict(
+        type=float, nargs="+", default=[0.2], help="RandomResizedCrop lower scale per group")),
+    ("data", MAIN, ("--crops_max_scale",), dict(
+        type=float, nargs="+", default=[1.0], help="RandomResizedCrop upper scale per group")),
+    ("data", MAIN, ("--solarization_prob",), dict(
+        type=float, nargs="+", default=[0.2],
+        help="solarization probability of the strong views per group")),
+    ("data", MAIN, ("--size_dataset",), dict(
+        type=int, default=-1, help="keep only the first N training samples; -1 keeps all")),
+    ("data", ALL, ("--workers",), dict(
+        type=int, default=8, help="data-loading worker processes per process")),
+
+    ("ReSA", MAIN, ("--temperature",), dict(
+        type=float, default=0.4, help="softmax temperature tau of the ReSA loss")),
+    ("ReSA", MAIN, ("--momentum",), dict(
+        type=float, default=0.996,
+        help="base EMA coefficient of the momentum encoder/projector; rises to 1 on a "
+        "per-iteration half-cosine")),
+
+    ("architecture", ALL, ("-a", "--arch"), dict(
+        type=str, default=None, choices=ARCHS, metavar="ARCH",
+        help="encoder: " + ", ".join(ARCHS) + " (default: resnet50; resnet18 on CIFAR, "
+        "fashion_mnist and demo)")),
+    ("architecture", MAIN, ("--mlp_layers",), dict(
+        type=int, default=3, help="number of Linear layers in the projector")),
+    ("architecture", MAIN, ("--mlp_dim",), dict(
+        type=int, default=2048, help="hidden width of the projector and predictor")),
+    ("architecture", MAIN, ("--emb",), dict(
+        type=int, default=512, help="embedding (projector output) size")),
+    ("architecture", MAIN, ("--pred",), dict(
+        dest="pred", action="store_const", const=True, default=None,
+        help="train with a predictor on the online branch (default: on, except on "
+        "cifar10/cifar100, where the authors' CIFAR code has none)")),
+    ("architecture", MAIN, ("--no_pred",), dict(
+        dest="pred", action="store_const", const=False,
+        help="train without the predictor")),
+
+    ("optimization", MAIN | LINEAR, ("--epochs",), dict(
+        type=int, default=None, help="training epochs (default: 100; 1000 on CIFAR)")),
+    ("optimization", ALL, ("--batch_size",), dict(
+        type=int, default=256,
+        help="batch size per process (B); the total batch is B x world size")),
+    ("optimization", MAIN, ("--lr",), dict(
+        type=float, default=None,
+        help="base learning rate, scaled by total batch / 256 (default: 0.5; 0.3 on CIFAR)")),
+    ("optimization", MAIN, ("--final_lr",), dict(
+        type=float, default=None,
+        help="learning rate at the end of the cosine, absolute (default: 0.1 x the scaled "
+        "lr)")),
+    ("optimization", MAIN, ("--wd", "--weight_decay"), dict(
+        dest="wd", type=float, default=None,
+        help="weight decay on all parameters (default: 1e-5; 1e-4 on CIFAR)")),
+    ("optimization", MAIN, ("--optimizer",), dict(
+        type=str, default="sgd", choices=("sgd", "adamw"), help="SGD uses momentum 0.9")),
+    ("optimization", MAIN, ("--warmup_epochs",), dict(
+        type=int, default=2, help="linear learning-rate warm-up from 0, in epochs")),
+
+    ("distributed (torchrun or SLURM set these up)", set(), ("--world_size",), dict(
+        type=int, default=1,
+        help="ignored: the launcher's WORLD_SIZE (or SLURM_NTASKS) decides; accepted so "
+        "that the authors' commands parse")),
+    ("distributed (torchrun or SLURM set these up)", set(), ("--rank",), dict(
+        type=int, default=0,
+        help="ignored: the launcher's RANK (or SLURM_PROCID) decides; accepted so that the "
+        "authors' commands parse")),
+    ("distributed (torchrun or SLURM set these up)", ALL, ("--dist-backend", "--dist_backend"),
+     dict(dest="dist_backend", type=str, default=None, choices=("nccl", "gloo"),
+          help="process-group backend (default: nccl on CUDA, gloo on CPU)")),
+    ("distributed (torchrun or SLURM set these up)", ALL, ("--dist-url", "--dist_url"), dict(
+        dest="dist_url", type=str, default="env://", help="process-group init method")),
+    ("distributed (torchrun or SLURM set these up)", ALL,
+     ("--no-set-device-rank", "--no_set_device_rank"), dict(
+         dest="no_set_device_rank", action="store_true",
+         help="use cuda:0 in every process (when CUDA_VISIBLE_DEVICES already gives each "
+         "process one GPU)")),
+
+    ("online monitor (main.py, non-ImageNet datasets)", MAIN, ("--eval_every",), dict(
+        type=int, default=5,
+        help="after the first epoch, every N epochs and after the last: 5-NN, weighted "
+        "k-NN and a linear classifier on the momentum encoder's features; 0 disables")),
+
+    ("evaluation", LINEAR | KNN, ("--pretrained",), dict(
+        type=str, default="",
+        help="checkpoint to evaluate: our checkpoint.pth.tar, the authors' full or "
+        "encoder-only release, or an exported encoder; empty = a randomly initialised "
+        "encoder (the random baseline)")),
+    ("evaluation", ALL, ("--num_classes",), dict(
+        type=int, default=None,
+        help="classifier outputs (default: the dataset's number of classes)")),
+    ("evaluation", LINEAR, ("--weights",), dict(
+        type=str, default="freeze", choices=("freeze", "finetune"),
+        help="freeze = linear probe on a frozen encoder in eval mode; finetune = train "
+        "encoder and head")),
+    ("evaluation", LINEAR, ("--train_percent",), dict(
+        type=int, default=100, choices=(100, 10, 1),
+        help="train on the standard ImageNet 1%% or 10%% subset")),
+    ("evaluation", LINEAR, ("--train_files",), dict(
+        type=str, default=None,
+        help="subset list (one training file name a line) for --train_percent 1/10; "
+        "without it the public SimCLR list is downloaded once into ~/.cache/resa")),
+    ("evaluation", LINEAR, ("--lr_encoder",), dict(
+        type=float, default=2e-4,
+        help="fine-tuning encoder base lr, scaled by total batch / 256")),
+    ("evaluation", LINEAR, ("--lr_classifier",), dict(
+        type=float, default=40.0,
+        help="head base lr, scaled by total batch / 256 (use 10 for a batch-256 "
+        "pretraining)")),
+    ("evaluation", LINEAR, ("--scheduler",), dict(
+        type=str, default="step", choices=("step", "cos"),
+        help="step = x0.1 at epochs 60 and 80; cos = cosine to 0")),
+    ("evaluation", KNN | MAIN, ("--nb_knn",), dict(
+        type=int, nargs="+", default=[5, 10, 15, 20, 25],
+        help="k values of the weighted k-NN (the monitor uses the one nearest 20)")),
+    ("evaluation", KNN | MAIN, ("--knn_temperature",), dict(
+        type=float, default=0.07, help="temperature of the weighted k-NN votes")),
+    ("evaluation", KNN, ("--use_cuda",), dict(
+        type=str2bool, default=True,
+        help="keep the k-NN feature bank on the GPU; False keeps it in CPU memory")),
+]
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show a default only where the help text does not already explain it."""
 
     def _get_help_string(self, action):
-        if (action.default is None or "default:" in action.help or action.nargs == 0):
+        if action.default is None or "default:" in action.help or action.nargs == 0:
             return action.help
         return super()._get_help_string(action)
 
@@ -40,148 +207,43 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def build_parser():
-    p = OneLineParser(
-        description="ReSA (Representation Self-Assignment): self-supervised pretraining "
-        "and evaluation. One parser serves main.py, eval_knn.py and eval_linear.py; "
-        "each script reads the groups that concern it.",
-        formatter_class=HelpFormatter,
-    )
-
-    g = p.add_argument_group("run")
-    g.add_argument("--dump_path", type=str, default=".",
-                   help="folder for checkpoints, out.log and TensorBoard events; a run "
-                   "resumes automatically from the checkpoint found here")
-    g.add_argument("--seed", type=int, default=None,
-                   help="random seed (python, numpy, torch; offset by rank for data); "
-                   "unset = nondeterministic")
-
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", type=str, default="imagenet", choices=DATASETS,
-                   help="imagenet = any ImageFolder with train/ (and val/) under "
-                   "--data_path; cifar10/cifar100/stl10 through torchvision; fashion_mnist "
-                   "from the Debian package dataset-fashion-mnist; demo = a small synthetic "
-                   "ImageFolder this project generates into --data_path")
-    g.add_argument("--data_path", type=str, default=None,
-                   help="dataset folder (required for imagenet; default: ./data for "
-                   "torchvision datasets and fashion_mnist, ./data/demo for demo)")
-    g.add_argument("--crops_nmb", type=int, nargs="+", default=[1],
-                   help="number of strong views per crop group, e.g. 1 or 1 6")
-    g.add_argument("--crops_size", type=int, nargs="+", default=None,
-                   help="crop resolution per group; the weak view uses the first "
-                   "(default: 224; 32 on CIFAR/fashion_mnist/demo, 96 on stl10)")
-    g.add_argument("--crops_min_scale", type=float, nargs="+", default=[0.2],
-                   help="RandomResizedCrop lower scale per group")
-    g.add_argument("--crops_max_scale", type=float, nargs="+", default=[1.0],
-                   help="RandomResizedCrop upper scale per group")
-    g.add_argument("--solarization_prob", type=float, nargs="+", default=[0.2],
-                   help="solarization probability of the strong views per group")
-    g.add_argument("--size_dataset", type=int, default=-1,
-                   help="keep only the first N training samples; -1 keeps all")
-    g.add_argument("--workers", type=int, default=8,
-                   help="data-loading worker processes per process")
-
-    g = p.add_argument_group("ReSA")
-    g.add_argument("--temperature", type=float, default=0.4,
-                   help="softmax temperature tau of the ReSA loss")
-    g.add_argument("--momentum", type=float, default=0.996,
-                   help="base EMA coefficient of the momentum encoder/projector; rises "
-                   "to 1 on a per-iteration half-cosine")
-
-    g = p.add_argument_group("architecture")
-    g.add_argument("-a", "--arch", type=str, default=None, choices=ARCHS, metavar="ARCH",
-                   help="encoder: " + ", ".join(ARCHS) + " (default: resnet50; resnet18 on "
-                   "CIFAR, fashion_mnist and demo)")
-    g.add_argument("--mlp_layers", type=int, default=3,
-                   help="number of Linear layers in the projector")
-    g.add_argument("--mlp_dim", type=int, default=2048,
-                   help="hidden width of the projector and predictor")
-    g.add_argument("--emb", type=int, default=512, help="embedding (projector output) size")
-    g.add_argument("--no_pred", dest="pred", action="store_false",
-                   help="train without the predictor on the online branch")
-
-    g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=None,
-                   help="training epochs (default: 100; 1000 on CIFAR)")
-    g.add_argument("--batch_size", type=int, default=256,
-                   help="batch size per process (B); the total batch is B x world size")
-    g.add_argument("--lr", type=float, default=None,
-                   help="base learning rate, scaled by total batch / 256 "
-                   "(default: 0.5; 0.3 on CIFAR)")
-    g.add_argument("--final_lr", type=float, default=None,
-                   help="learning rate at the end of the cosine, absolute "
-                   "(default: 0.1 x the scaled lr)")
-    g.add_argument("--wd", "--weight_decay", dest="wd", type=float, default=None,
-                   help="weight decay on all parameters (default: 1e-5; 1e-4 on CIFAR)")
-    g.add_argument("--optimizer", type=str, default="sgd", choices=("sgd", "adamw"),
-                   help="SGD uses momentum 0.9")
-    g.add_argument("--warmup_epochs", type=int, default=2,
-                   help="linear learning-rate warm-up from 0, in epochs")
-
-    g = p.add_argument_group("distributed (set by torchrun or SLURM; rarely given by hand)")
-    g.add_argument("--world_size", type=int, default=1,
-                   help="number of processes; read from WORLD_SIZE / SLURM_NTASKS")
-    g.add_argument("--rank", type=int, default=0,
-                   help="global rank; read from RANK / SLURM_PROCID")
-    g.add_argument("--dist-backend", "--dist_backend", dest="dist_backend", type=str,
-                   default=None, choices=("nccl", "gloo"),
-                   help="process-group backend (default: nccl on CUDA, gloo on CPU)")
-    g.add_argument("--dist-url", "--dist_url", dest="dist_url", type=str, default="env://",
-                   help="process-group init method")
-    g.add_argument("--no-set-device-rank", "--no_set_device_rank", dest="no_set_device_rank",
-                   action="store_true",
-                   help="use cuda:0 in every process (when CUDA_VISIBLE_DEVICES already "
-                   "gives each process one GPU)")
-
-    g = p.add_argument_group("online monitor (main.py, non-ImageNet datasets)")
-    g.add_argument("--eval_every", type=int, default=5,
-                   help="after the first epoch, every N epochs and after the last: 5-NN, "
-                   "weighted k-NN and a linear classifier on the momentum encoder's "
-                   "features; 0 disables")
-
-    g = p.add_argument_group("evaluation (eval_linear.py, eval_knn.py)")
-    g.add_argument("--pretrained", type=str, default="",
-                   help="checkpoint to evaluate: our checkpoint.pth.tar, the authors' full "
-                   "or encoder-only release, or an exported encoder")
-    g.add_argument("--num_classes", type=int, default=None,
-                   help="classifier outputs (default: the dataset's number of classes)")
-    g.add_argument("--weights", type=str, default="freeze", choices=("freeze", "finetune"),
-                   help="freeze = linear probe on a frozen encoder in eval mode; "
-                   "finetune = train encoder and head")
-    g.add_argument("--train_percent", type=int, default=100, choices=(100, 10, 1),
-                   help="train on the standard ImageNet 1%% or 10%% subset")
-    g.add_argument("--train_files", type=str, default=None,
-                   help="subset list (one training file name a line) for --train_percent "
-                   "1/10; without it the public SimCLR list is downloaded once into "
-                   "~/.cache/resa")
-    g.add_argument("--lr_encoder", type=float, default=2e-4,
-                   help="fine-tuning encoder base lr, scaled by total batch / 256")
-    g.add_argument("--lr_classifier", type=float, default=40.0,
-                   help="head base lr, scaled by total batch / 256 (use 10 for a "
-                   "batch-256 pretraining)")
-    g.add_argument("--scheduler", type=str, default="step", choices=("step", "cos"),
-                   help="step = x0.1 at epochs 60 and 80; cos = cosine to 0")
-    g.add_argument("--nb_knn", type=int, nargs="+", default=[5, 10, 15, 20, 25],
-                   help="k values of the weighted k-NN")
-    g.add_argument("--knn_temperature", type=float, default=0.07,
-                   help="temperature of the weighted k-NN votes")
-    g.add_argument("--use_cuda", type=str2bool, default=True,
-                   help="keep the k-NN feature bank on the GPU; False keeps it in CPU memory")
+def build_parser(script="main"):
+    """The parser of `script` (a key of SCRIPTS): its own flags first, grouped; then
+    every other flag, accepted but not read by it."""
+    p = OneLineParser(description=SCRIPTS[script], formatter_class=HelpFormatter)
+    groups = {}
+    for title, readers, names, kwargs in FLAGS:
+        if script in readers:
+            if title not in groups:
+                groups[title] = p.add_argument_group(title)
+            groups[title].add_argument(*names, **kwargs)
+    others = p.add_argument_group(
+        f"accepted for compatibility, not read by {script}.py",
+        "flags of the other scripts (one parser serves all three) and flags that do nothing")
+    for title, readers, names, kwargs in FLAGS:
+        if script not in readers:
+            others.add_argument(*names, **kwargs)
     return p
 
 
 def resolve_defaults(args):
-    """Fill the defaults that depend on the dataset, as the authors' two repositories do."""
-    small = args.dataset in CIFAR_RECIPE
+    """Fill the defaults that depend on the dataset (as the authors' two repositories
+    do), on the script and on the device."""
+    cifar = args.dataset in CIFAR_RECIPE
     info = dataset_info(args.dataset)
     if args.arch is None:
         args.arch = "resnet50" if args.dataset in ("imagenet", "stl10") else "resnet18"
     if args.epochs is None:
-        args.epochs = 1000 if small else 100
+        args.epochs = 1000 if cifar else 100
     if args.lr is None:
-        args.lr = 0.3 if small else 0.5
+        args.lr = 0.3 if cifar else 0.5
     if args.wd is None:
-        args.wd = 1e-4 if small else 1e-5
+        args.wd = 1e-4 if cifar else 1e-5
+    if args.pred is None:
+        args.pred = not cifar  # resa_cifar has no predictor (SPEC §7)
+    if args.precision is None:
+        cuda = torch.cuda.is_available()
+        args.precision = "fp16" if args.script == "main" and cuda and not cifar else "fp32"
     if args.crops_size is None:
         args.crops_size = [info.crop_size]
     if args.num_classes is None:
@@ -227,12 +289,15 @@ def check_args(parser, args):
         parser.error("--nb_knn values must be positive")
     if args.num_classes <= 0:
         parser.error("--num_classes must be positive")
+    if args.precision == "fp16" and not torch.cuda.is_available():
+        parser.error("--precision fp16 needs a CUDA GPU (loss scaling); use bf16 or fp32 on CPU")
 
 
-def get_args(argv=None):
-    """Parse `argv` (default: sys.argv[1:]), resolve dataset defaults and validate."""
-    parser = build_parser()
+def get_args(argv=None, script="main"):
+    """Parse `argv` (default: sys.argv[1:]) for `script`, resolve defaults, validate."""
+    parser = build_parser(script)
     args = parser.parse_args(argv)
+    args.script = script
     resolve_defaults(args)
     check_args(parser, args)
     return args

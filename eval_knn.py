@@ -5,22 +5,19 @@ shard of the images, the feature banks are gathered by index on every process, a
 each process then votes for its share of the test images. `--use_cuda False` keeps
 the banks in CPU memory.
 """
-import sys
-
 import torch
 
 from args import get_args
-from src.checkpoint import plain_args
 from src.data import dataset_info
 from src.distributed import is_main_process, run_distributed
 from src.engine import extract_features
 from src.errors import exit_on_usage_error
 from src.eval_data import eval_datasets
 from src.knn import knn_classifier, knn_eval
-from src.logger import save_results, setup_logging
+from src.logger import save_results
 from src.models import build_encoder
 from src.pretrained import load_pretrained_encoder
-from src.runtime import prepare_dump_path, seed_everything
+from src.runtime import start_run
 
 __all__ = ["evaluate", "knn_classifier", "main"]  # knn_classifier: kept importable here
 
@@ -28,17 +25,12 @@ RESULTS = "knn_results.json"
 
 
 def evaluate(args):
-    seed_everything(args.seed)
-    prepare_dump_path(args.dump_path)
-    log = setup_logging(args.dump_path, args.rank)
-    log.info("command: " + " ".join(sys.argv))
-    log.info(f"arguments: {plain_args(args)}")
+    log = start_run(args)
 
     encoder, _ = build_encoder(args.arch, dataset_info(args.dataset).small_images)
     load_pretrained_encoder(encoder.to(args.device).eval(), args.pretrained)
     train, val = eval_datasets(args, "plain")
-    log.info(f"{len(train)} train and {len(val)} val images of {len(train.classes)} "
-             f"classes; {args.world_size} process(es) on {args.device}")
+    log.info(f"{len(train)} train and {len(val)} val images of {len(train.classes)} classes")
     torch.backends.cudnn.benchmark = True
 
     bank_device = args.device if args.use_cuda else torch.device("cpu")
@@ -59,7 +51,7 @@ def evaluate(args):
 
 @exit_on_usage_error
 def main(argv=None):
-    run_distributed(evaluate, get_args(argv))
+    run_distributed(evaluate, get_args(argv, "eval_knn"))
 
 
 if __name__ == "__main__":

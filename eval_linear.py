@@ -17,17 +17,19 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, MultiStepLR
 from args import get_args
 from src.checkpoint import plain_args, restore, save_atomic, with_module_prefix
 from src.data import dataset_info
-from src.distributed import (all_reduce_sum, is_main_process, main_process_first,
+from src.distributed import (all_reduce_sum, distribute, is_main_process, main_process_first,
                              run_distributed)
-from src.engine import AmpOptimizer, progress, train_epoch
+from src.engine import progress, train_epoch
 from src.errors import UsageError, exit_on_usage_error
 from src.eval_data import eval_datasets
 from src.loader import eval_loader, train_loader
-from src.logger import ScalarWriter, save_results, setup_logging
+from src.logger import ScalarWriter, save_results
 from src.metrics import percent, topk_correct
 from src.models import build_encoder
+from src.optim import AmpOptimizer
 from src.pretrained import broadcast_from_rank0, load_pretrained_encoder
-from src.runtime import prepare_dump_path, seed_everything
+from src.runtime import start_run
+from src.schedules import scaled_lr
 from src.subsets import select_subset, subset_names
 
 CHECKPOINT = "checkpoint.pth.tar"
@@ -64,12 +66,14 @@ class Classifier(nn.Module):
 
 def build_optimizer(model, args):
     """SGD, momentum 0.9, no weight decay; base lrs scaled by the total batch / 256."""
-    scale = args.batch_size * args.world_size / 256
-    groups = [{"params": list(model.fc.parameters()), "lr": args.lr_classifier * scale,
+    def lr(base):
+        return scaled_lr(base, args.batch_size, args.world_size)
+
+    groups = [{"params": list(model.fc.parameters()), "lr": lr(args.lr_classifier),
                "name": "classifier"}]
     if not model.frozen:
         groups.append({"params": list(model.encoder.parameters()),
-                       "lr": args.lr_encoder * scale, "name": "encoder"})
+                       "lr": lr(args.lr_encoder), "name": "encoder"})
     optimizer = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.9, weight_decay=0)
     if args.scheduler == "step":
         scheduler = MultiStepLR(optimizer, milestones=list(STEP_MILESTONES), gamma=0.1)
@@ -87,9 +91,6 @@ def train_dataset(args, train, log):
         names = main_process_first(lambda: subset_names(args.train_percent, args.train_files))
         select_subset(train, names)
         log.info(f"training on the {args.train_percent}% subset: {len(train)} images")
-    if len(train) // args.world_size < args.batch_size:
-        raise UsageError(f"--batch_size {args.batch_size} x {args.world_size} process(es) is "
-                         f"larger than the {len(train)} training images")
     return train
 
 
@@ -161,18 +162,13 @@ def verify_frozen(encoder, reference, log):
 
 
 def linear_eval(args):
-    seed_everything(args.seed)
-    prepare_dump_path(args.dump_path)
-    log = setup_logging(args.dump_path, args.rank)
-    log.info("command: " + " ".join(sys.argv))
-    log.info(f"arguments: {plain_args(args)}")
+    log = start_run(args)
 
     encoder, feature_dim = build_encoder(args.arch, dataset_info(args.dataset).small_images)
     load_pretrained_encoder(encoder.to(args.device), args.pretrained)
     train, val = eval_datasets(args, "train_aug", val_kind="val")
     train = train_dataset(args, train, log)
-    log.info(f"{len(train)} train and {len(val)} val images of {len(train.classes)} classes; "
-             f"{args.world_size} process(es) on {args.device}")
+    log.info(f"{len(train)} train and {len(val)} val images of {len(train.classes)} classes")
 
     frozen = args.weights == "freeze"
     loaded = snapshot(encoder) if frozen else None
@@ -181,20 +177,17 @@ def linear_eval(args):
     for group in optimizer.param_groups:
         log.info(f"{group['name']} lr {group['lr']:.6g} (batch-scaled), {args.scheduler} "
                  f"schedule")
-    amp = AmpOptimizer(optimizer, args.device)
+    amp = AmpOptimizer(optimizer, args.device, args.precision)
     checkpoint_path = os.path.join(args.dump_path, CHECKPOINT)
     start_epoch, scores = resume(checkpoint_path, model, scheduler, amp, log)
     if frozen and start_epoch:
         loaded = resumed_reference(model.encoder, loaded, args, checkpoint_path)
 
-    trained = model
-    if args.distributed:
-        cuda = args.device.type == "cuda"
-        trained = nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.device] if cuda else None)
+    model, trained = distribute(model, args)
     torch.backends.cudnn.benchmark = True
-    loader = train_loader(train, args.batch_size, args.workers, seed=args.seed or 0)
-    iters, global_batch = len(loader), args.batch_size * args.world_size
+    # every training image is used each epoch, as the authors do (SPEC §5)
+    loader = train_loader(train, args.batch_size, args.workers, seed=args.seed or 0,
+                          drop_last=False)
     writer = ScalarWriter(os.path.join(args.dump_path, "tb"), is_main_process())
 
     def forward(batch):
@@ -210,9 +203,7 @@ def linear_eval(args):
             loader.sampler.set_epoch(epoch)
             trained.train()
             loss = train_epoch(loader, forward, amp, epoch=epoch, epochs=args.epochs,
-                               first_iter=epoch * iters, total_iters=args.epochs * iters,
-                               global_batch=global_batch, before_step=learning_rates,
-                               writer=writer)
+                               before_step=learning_rates, writer=writer)
             scheduler.step()
             if not frozen:  # every shard is scored with rank 0's batch-norm statistics
                 broadcast_from_rank0(model)
@@ -248,7 +239,7 @@ def linear_eval(args):
 
 @exit_on_usage_error
 def main(argv=None):
-    run_distributed(linear_eval, get_args(argv))
+    run_distributed(linear_eval, get_args(argv, "eval_linear"))
 
 
 if __name__ == "__main__":

@@ -1,37 +1,30 @@
 """ReSA pretraining (SPEC §4): `python main.py ...` runs one process, `torchrun ...` many.
 
-CPU runs in fp32 with gloo; CUDA runs with float16 autocast, NCCL and SyncBatchNorm.
-A run resumes from `dump_path/checkpoint.pth.tar` when it exists.
+CPU runs in fp32 with gloo; CUDA runs with float16 autocast (fp32 on the CIFAR recipe),
+NCCL and SyncBatchNorm. A run resumes from `dump_path/checkpoint.pth.tar` when it exists.
 """
 import os
 import sys
 
 import torch
-import torch.nn as nn
 
-from args import CIFAR_RECIPE, get_args
+from args import get_args
 from method import get_method
 from src.checkpoint import plain_args, restore, save_atomic, with_module_prefix
 from src.data import build_pretrain_dataset
-from src.distributed import is_main_process, main_process_first, run_distributed
-from src.engine import AmpOptimizer, train_epoch
+from src.distributed import distribute, is_main_process, main_process_first, run_distributed
+from src.engine import train_epoch
 from src.errors import NonFiniteLoss, UsageError, exit_on_usage_error
 from src.loader import train_loader
-from src.logger import ScalarWriter, setup_logging
+from src.logger import ScalarWriter
+from src.models import pretraining_encoder
 from src.monitor import OnlineMonitor
-from src.runtime import prepare_dump_path, seed_everything
-from src.schedules import lr_schedule, momentum_schedule
+from src.optim import AmpOptimizer, build_optimizer
+from src.runtime import start_run
+from src.schedules import lr_schedule, momentum_schedule, scaled_lr
 
 CHECKPOINT = "checkpoint.pth.tar"
 ENCODER_EXPORT = "encoder.pth"
-
-
-def build_optimizer(model, lr, args):
-    """SGD (momentum 0.9) or AdamW, weight decay on all parameters; lr set per step."""
-    params = model.parameters()  # as the authors: the optimizer state matches their files
-    if args.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=args.wd)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=args.wd)
 
 
 def resume(path, model, amp, log):
@@ -46,35 +39,20 @@ def resume(path, model, amp, log):
 def pretrain(args):
     if args.warmup_epochs > args.epochs:
         raise UsageError(f"--warmup_epochs {args.warmup_epochs} exceeds --epochs {args.epochs}")
-    seed_everything(args.seed)
+    # the data is checked before anything is written to --dump_path
     dataset = main_process_first(lambda: build_pretrain_dataset(args))
-    if len(dataset) // args.world_size < args.batch_size:
-        raise UsageError(f"--batch_size {args.batch_size} x {args.world_size} process(es) is "
-                         f"larger than the {len(dataset)} training samples")
+    loader = train_loader(dataset, args.batch_size, args.workers, seed=args.seed or 0)
     monitored = args.eval_every > 0 and args.dataset != "imagenet"
     monitor = OnlineMonitor(args) if monitored else None
-    prepare_dump_path(args.dump_path)
-    log = setup_logging(args.dump_path, args.rank)
-    log.info("command: " + " ".join(sys.argv))
-    log.info(f"{len(dataset)} training images, {args.world_size} process(es) on "
-             f"{args.device}, arguments: {plain_args(args)}")
+    log = start_run(args)
+    log.info(f"{len(dataset)} training images")
 
-    loader = train_loader(dataset, args.batch_size, args.workers, seed=args.seed or 0)
-    model = get_method(args).to(args.device)
-    cuda = args.device.type == "cuda"
-    if args.distributed and cuda:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    trained = model
-    if args.distributed:
-        trained = nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.device] if cuda else None)
+    model = get_method(args, *pretraining_encoder(args.arch, args.dataset)).to(args.device)
+    model, trained = distribute(model, args, sync_batchnorm=True)
     torch.backends.cudnn.benchmark = True
 
-    global_batch = args.batch_size * args.world_size
-    lr = args.lr * global_batch / 256
-    # the authors' CIFAR recipe trains in fp32 on GPU too (SPEC §7)
-    amp = AmpOptimizer(build_optimizer(model, lr, args), args.device,
-                       mixed=args.dataset not in CIFAR_RECIPE)
+    lr = scaled_lr(args.lr, args.batch_size, args.world_size)
+    amp = AmpOptimizer(build_optimizer(model, lr, args), args.device, args.precision)
     iters = len(loader)
     lrs, momentums = lr_schedule(args, lr, iters), momentum_schedule(args, iters)
     checkpoint_path = os.path.join(args.dump_path, CHECKPOINT)
@@ -93,9 +71,7 @@ def pretrain(args):
         for epoch in range(start_epoch, args.epochs):
             loader.sampler.set_epoch(epoch)
             loss = train_epoch(loader, trained, amp, epoch=epoch, epochs=args.epochs,
-                               first_iter=epoch * iters, total_iters=args.epochs * iters,
-                               global_batch=global_batch, before_step=before_step,
-                               writer=writer)
+                               before_step=before_step, writer=writer)
             if is_main_process():
                 save_atomic({"epoch": epoch + 1,
                              "state_dict": with_module_prefix(model.state_dict()),

@@ -6,11 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from src.data import dataset_info
 from src.distributed import all_reduce_sum, get_world_size
-from src.models import build_encoder, build_predictor, build_projector
-
-PLAIN_INIT_RESNET18 = ("cifar10", "cifar100", "fashion_mnist", "demo")
+from src.models import build_predictor, build_projector
 
 
 @torch.no_grad()
@@ -37,20 +34,19 @@ def sinkhorn_knopp(scores, eps=0.05, n_iterations=3):
 class BaseMethod(nn.Module):
     """Online encoder -> projector (-> predictor) and, in subclasses, momentum copies.
 
-    Children are registered as encoder, projector, predictor so that `state_dict()`
-    matches the authors' released checkpoints key for key (without `module.`).
+    The method is handed its encoder (any module mapping images to `feature_dim`
+    features); the caller decides its stem and initialisation. Children are registered
+    as encoder, projector, predictor so that `state_dict()` matches the authors'
+    released checkpoints key for key (without `module.`).
     """
 
-    def __init__(self, args):
+    def __init__(self, encoder, feature_dim, *, mlp_layers=3, mlp_dim=2048, emb=512,
+                 predictor=True, momentum=0.996):
         super().__init__()
-        # SPEC §2: zero-init residual BNs, except resnet18 on the CIFAR-sized datasets
-        zero_init = not (args.arch == "resnet18" and args.dataset in PLAIN_INIT_RESNET18)
-        small = dataset_info(args.dataset).small_images
-        self.encoder, self.feature_dim = build_encoder(args.arch, small, zero_init)
-        self.projector = build_projector(self.feature_dim, args.mlp_layers, args.mlp_dim,
-                                         args.emb)
-        self.predictor = build_predictor(args.emb, args.mlp_dim) if args.pred else None
-        self.momentum = args.momentum
+        self.encoder, self.feature_dim = encoder, feature_dim
+        self.projector = build_projector(feature_dim, mlp_layers, mlp_dim, emb)
+        self.predictor = build_predictor(emb, mlp_dim) if predictor else None
+        self.momentum = momentum
 
     def make_momentum_copies(self):
         """Momentum encoder/projector: frozen copies that only the EMA updates."""

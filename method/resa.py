@@ -34,10 +34,10 @@ def resa_loss(z_online, z_momentum, h, h_momentum, temperature, eps=0.05, n_iter
 
 
 class ReSA(BaseMethod):
-    def __init__(self, args):
-        super().__init__(args)
+    def __init__(self, encoder, feature_dim, *, temperature=0.4, **network):
+        super().__init__(encoder, feature_dim, **network)
         self.make_momentum_copies()
-        self.temperature = args.temperature
+        self.temperature = temperature
 
     def forward(self, views):
         """One training step's loss for a list of V view batches (weak view first)."""

@@ -117,7 +117,7 @@ def restore(path, model, amp, required, kind):
             amp.optimizer.load_state_dict(checkpoint["optimizer"])
         except ValueError as err:
             raise UsageError(f"{path} was written with other settings: {err}")
-    if "scaler" in checkpoint and amp.enabled:
+    if "scaler" in checkpoint and amp.scaler.is_enabled():
         amp.scaler.load_state_dict(checkpoint["scaler"])
     return checkpoint
 

@@ -22,6 +22,7 @@ from src.demo_data import ensure_demo_dataset
 from src.errors import UsageError
 
 DATASETS = ('imagenet', 'cifar10', 'cifar100', 'stl10', 'fashion_mnist', 'demo')
+CIFAR_RECIPE = ('cifar10', 'cifar100')   # SPEC §7: the authors' CIFAR repository
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'   # Debian dataset-fashion-mnist

@@ -80,6 +80,19 @@ def init_distributed(args):
     return args
 
 
+def distribute(model, args, sync_batchnorm=False):
+    """(model, trained): `trained` wraps `model` in DistributedDataParallel when the run
+    has several processes. With `sync_batchnorm` on CUDA, batch norm is first converted
+    to SyncBatchNorm, so `model` may be a new module: build the optimizer from it."""
+    if not args.distributed:
+        return model, model
+    cuda = args.device.type == "cuda"
+    if sync_batchnorm and cuda:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model, torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[args.device] if cuda else None)
+
+
 def cleanup():
     if is_distributed():
         dist.destroy_process_group()

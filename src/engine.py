@@ -1,6 +1,5 @@
-"""Loops shared by pretraining and evaluation: the mixed-precision optimizer step, one
-training epoch (progress bar, logs, TensorBoard, non-finite stop) and feature
-extraction gathered by index."""
+"""Loops shared by pretraining and evaluation: one training epoch (progress bar, logs,
+TensorBoard, non-finite stop) and feature extraction gathered by index."""
 import math
 import sys
 import time
@@ -16,26 +15,6 @@ from src.errors import NonFiniteLoss
 from src.logger import get_logger
 
 
-class AmpOptimizer:
-    """An optimizer with float16 autocast and loss scaling on CUDA (unless `mixed` is
-    False), plain fp32 on CPU."""
-
-    def __init__(self, optimizer, device, mixed=True):
-        self.optimizer = optimizer
-        self.device_type = device.type
-        self.enabled = mixed and device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled)
-
-    def autocast(self):
-        return torch.autocast(self.device_type, dtype=torch.float16, enabled=self.enabled)
-
-    def step(self, loss):
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-
-
 def mean_over_processes(tensor):
     """The average of a scalar tensor over processes, as a float (one sync)."""
     value = tensor.detach().float().reshape(1).clone()
@@ -48,15 +27,18 @@ def progress(iterable, total, desc):
                 dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
 
 
-def train_epoch(loader, forward, amp, *, epoch, epochs, first_iter, total_iters,
-                global_batch, before_step=None, writer=None, log_every=50):
-    """Train for one epoch and return the mean loss.
+def train_epoch(loader, forward, amp, *, epoch, epochs, before_step=None, writer=None,
+                log_every=50):
+    """Train for one epoch of `loader` and return the mean loss.
 
     forward(batch) -> loss; before_step(iteration) -> dict of scalars to log (it sets
-    the schedules). The loss is averaged over processes before the step, and a
-    non-finite value stops every rank before it can update the weights.
+    the schedules; iterations count from the start of the run). The loss is averaged
+    over processes before the step, and a non-finite value stops every rank before it
+    can update the weights.
     """
     log = get_logger()
+    first_iter, total_iters = epoch * len(loader), epochs * len(loader)
+    global_batch = loader.batch_size * get_world_size()
     losses = []
     start = last = time.perf_counter()
     bar = progress(loader, len(loader), f"epoch {epoch + 1}/{epochs}")

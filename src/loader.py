@@ -1,23 +1,35 @@
 """Samplers and data loaders, kept apart from the datasets and the training step so
 that sampler state (epoch, position) can be saved and restored on its own."""
+import warnings
+
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from src.distributed import get_rank, get_world_size
+from src.errors import UsageError
 
 
-def train_loader(dataset, batch_size, workers, seed=0):
-    """Shuffled, `drop_last` loader; reshuffled per epoch by `loader.sampler.set_epoch`.
+def train_loader(dataset, batch_size, workers, seed=0, drop_last=True):
+    """Shuffled loader, reshuffled per epoch by `loader.sampler.set_epoch`.
 
-    A DistributedSampler is used with one process too, so the order of samples depends
-    only on the seed and the epoch, never on how the run was launched.
+    With `drop_last` (pretraining, as the authors) every batch is full and a batch
+    larger than the data is a UsageError; without it (eval_linear) every training
+    image is used each epoch, the last batch being smaller. A DistributedSampler is
+    used with one process too, so the order of samples depends only on the seed and
+    the epoch, never on how the run was launched.
     """
-    sampler = DistributedSampler(dataset, num_replicas=get_world_size(), rank=get_rank(),
-                                 shuffle=True, seed=seed, drop_last=True)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=True,
-                      persistent_workers=workers > 0)
+    world_size = get_world_size()
+    if drop_last and len(dataset) < batch_size * world_size:
+        raise UsageError(f"--batch_size {batch_size} x {world_size} process(es) is larger "
+                         f"than the {len(dataset)} training samples")
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=get_rank(),
+                                 shuffle=True, seed=seed, drop_last=drop_last)
+    with warnings.catch_warnings():  # more workers than cores: start_run logs it instead
+        warnings.filterwarnings("ignore", "This DataLoader will create")
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                          num_workers=workers, pin_memory=torch.cuda.is_available(),
+                          drop_last=drop_last, persistent_workers=workers > 0)
 
 
 class ShardSampler(Sampler):

@@ -6,6 +6,8 @@ weights move between this project, the authors' releases and torchvision unchang
 import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from src.data import dataset_info
+
 # name -> (block, layers per stage, width multiplier of every channel)
 RESNETS = {
     "resnet18": (BasicBlock, [2, 2, 2, 2], 1),
@@ -19,6 +21,7 @@ RESNETS = {
     "resnet200x2": (Bottleneck, [3, 24, 36, 3], 2),
 }
 ARCHS = tuple(RESNETS)
+PLAIN_INIT_RESNET18 = ("cifar10", "cifar100", "fashion_mnist", "demo")
 
 
 class WideResNet(ResNet):
@@ -76,6 +79,14 @@ def build_encoder(arch, small_images=False, zero_init_residual=False):
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
         model.maxpool = nn.Identity()
     return model, feature_dim
+
+
+def pretraining_encoder(arch, dataset):
+    """(encoder, feature_dim) to pretrain on `dataset`: its stem (CIFAR's for small
+    images) and zero-init residual BNs (SPEC §2), except resnet18 on the CIFAR-sized
+    datasets, which the authors' CIFAR code trains without."""
+    zero_init = not (arch == "resnet18" and dataset in PLAIN_INIT_RESNET18)
+    return build_encoder(arch, dataset_info(dataset).small_images, zero_init)
 
 
 def build_projector(in_dim, mlp_layers, mlp_dim, emb):

@@ -1,26 +1,14 @@
-"""Start-up chores shared by the three scripts: seeding and the dump folder."""
+"""Start-up shared by the three scripts: seeding, the dump folder and the log."""
 import os
-import random
+import shlex
+import sys
 import tempfile
 
-import numpy as np
-import torch
-
-from src.distributed import get_rank, is_main_process, main_process_first
+from src.checkpoint import plain_args
+from src.distributed import is_main_process, main_process_first
 from src.errors import UsageError
-
-
-def seed_everything(seed):
-    """Seed python, numpy and torch; each rank gets its own stream for augmentations.
-
-    Model weights still agree across ranks: DDP copies rank 0's at construction.
-    """
-    if seed is None:
-        return
-    seed = seed + get_rank()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+from src.logger import setup_logging
+from src.seeding import seed_everything
 
 
 def prepare_dump_path(path):
@@ -37,3 +25,20 @@ def prepare_dump_path(path):
             raise UsageError(f"cannot write to --dump_path {path}: {err.strerror or err}")
 
     main_process_first(create)
+
+
+def start_run(args):
+    """Seed, create --dump_path, start the log (rank 0: out.log and stdout) and record
+    the command line and every argument in it; returns the logger."""
+    if args.seed is not None:
+        seed_everything(args.seed)
+    prepare_dump_path(args.dump_path)
+    log = setup_logging(args.dump_path, args.rank)
+    log.info("command: " + shlex.join(sys.argv))
+    log.info(f"{args.world_size} process(es) on {args.device}, {args.precision}; "
+             f"arguments: {plain_args(args)}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if args.workers > cores:
+        log.warning(f"--workers {args.workers} exceeds the {cores} CPU cores this process may "
+                    f"use: data loading may be slow")
+    return log

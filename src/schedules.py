@@ -2,6 +2,11 @@
 import numpy as np
 
 
+def scaled_lr(base, batch_size, world_size):
+    """The linear scaling rule of every script: base lr x total batch / 256."""
+    return base * batch_size * world_size / 256
+
+
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmup_start=0.0):
     """Linear warm-up from `warmup_start` to `base`, then a half-cosine from `base` to `final`.
 

@@ -6,6 +6,7 @@ import urllib.error
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -43,6 +44,7 @@ def test_linear_probe_keeps_the_encoder_and_resumes(image_folder, resnet18_file,
     result = run_script("eval_linear.py", *flags, "--epochs", 1)
     assert_ok(result)
     assert "frozen encoder verified" in result.stdout
+    assert "iter 2/2" in result.stdout  # 12 images at batch 8: the last, partial batch kept
     assert SUMMARY.search((dump / "out.log").read_text())
     assert list((dump / "tb").iterdir()), "no TensorBoard events"
 
@@ -183,6 +185,20 @@ def test_bad_subset_names_and_small_num_classes(image_folder, tmp_path):
 
 # ------------------------------------------------------------------ subsets
 
+needs_public_lists = pytest.mark.skipif(
+    not (SUBSET_DIR / "1percent.txt").is_file(),
+    reason=f"the public subset lists are not at {SUBSET_DIR} (only CI has ../shared)")
+
+
+def synthetic_subset(classes=1000, per_class=13, seed=0):
+    """Names shaped like the public lists (`n01440764_10026.JPEG`), `per_class` per class."""
+    rng = np.random.default_rng(seed)
+    wnids = sorted({f"n{rng.integers(1_000_000, 10_000_000):08d}" for _ in range(classes * 2)})
+    return [f"{w}_{i}.JPEG" for w in wnids[:classes]
+            for i in rng.choice(1_300, per_class, replace=False)]
+
+
+@needs_public_lists
 @pytest.mark.parametrize("percent, count", [(1, 12_811), (10, 128_116)])
 def test_public_subset_lists_parse(percent, count):
     names = subsets.read_subset(SUBSET_DIR / f"{percent}percent.txt")
@@ -192,31 +208,43 @@ def test_public_subset_lists_parse(percent, count):
 
 
 def test_selection_on_a_real_folder_tree(tmp_path):
-    names = subsets.read_subset(SUBSET_DIR / "1percent.txt")
+    names = synthetic_subset(classes=5, per_class=4)
     classes = sorted({subsets.subset_class(n) for n in names})[:3]
     chosen = [n for n in names if subsets.subset_class(n) in classes]
     for name in chosen + [f"{c}_999999.JPEG" for c in classes]:  # plus images not in the list
         path = tmp_path / "train" / subsets.subset_class(name) / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
-    folder = datasets.ImageFolder(tmp_path / "train")
+    folder = datasets.ImageFolder(tmp_path / "train", allow_empty=True,
+                                  is_valid_file=lambda p: p.endswith(".JPEG"))
     select_subset(folder, chosen)
     assert sorted(Path(p).name for p, _ in folder.samples) == sorted(chosen)
     assert folder.targets == [folder.class_to_idx[Path(p).parent.name] for p, _ in folder.samples]
     assert folder.imgs == folder.samples
 
 
-def test_selection_of_the_full_10_percent_list():
-    names = subsets.read_subset(SUBSET_DIR / "10percent.txt")
+def selection_at_scale(names):
     classes = sorted({subsets.subset_class(n) for n in names})
     index = {c: i for i, c in enumerate(classes)}
     samples = sorted([(f"/train/{subsets.subset_class(n)}/{n}", index[subsets.subset_class(n)])
                       for n in names] + [(f"/train/{c}/{c}_0x.JPEG", i) for c, i in index.items()])
     fake = SimpleNamespace(samples=samples, targets=[t for _, t in samples])
     select_subset(fake, names)
-    assert len(fake.samples) == 128_116 and len(set(fake.targets)) == 1000
-    with pytest.raises(UsageError, match="1 of the 128117 subset images.*n99999999_1.JPEG"):
+    assert len(fake.samples) == len(names) and len(set(fake.targets)) == len(classes)
+    with pytest.raises(UsageError, match=f"1 of the {len(names) + 1} subset images.*"
+                                         f"n99999999_1.JPEG"):
         select_subset(fake, names + ["n99999999_1.JPEG"])
+
+
+def test_selection_of_a_list_the_size_of_the_10_percent_list():
+    names = synthetic_subset(per_class=128)
+    assert len(names) == 128_000
+    selection_at_scale(names)
+
+
+@needs_public_lists
+def test_selection_of_the_full_10_percent_list():
+    selection_at_scale(subsets.read_subset(SUBSET_DIR / "10percent.txt"))
 
 
 def test_parse_rejects_what_is_not_a_list():
@@ -237,7 +265,7 @@ class FakeResponse(io.BytesIO):
 
 def test_download_once_into_the_xdg_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    text = (SUBSET_DIR / "1percent.txt").read_text()
+    text = "\n".join(synthetic_subset()) + "\n"
     urls = []
 
     def fake_urlopen(url, timeout):
@@ -245,13 +273,13 @@ def test_download_once_into_the_xdg_cache(tmp_path, monkeypatch):
         return FakeResponse(text.encode())
 
     monkeypatch.setattr(subsets.urllib.request, "urlopen", fake_urlopen)
-    assert len(subset_names(1)) == 12_811
+    assert len(subset_names(1)) == 13_000
     assert urls == [(SUBSET_URL.format(percent=1), subsets.DOWNLOAD_TIMEOUT_S)]
     assert "google-research/simclr/master/imagenet_subsets/1percent.txt" in urls[0][0]
     cached = tmp_path / "xdg" / "resa" / "1percent.txt"
     assert cached.read_text() == text
     assert [p.name for p in cached.parent.iterdir()] == ["1percent.txt"]  # no temp file
-    assert len(subset_names(1)) == 12_811 and len(urls) == 1  # served from the cache
+    assert len(subset_names(1)) == 13_000 and len(urls) == 1  # served from the cache
 
 
 def test_cache_defaults_to_home(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """main.py end to end: two-process torchrun with resume, non-finite stop, bad input."""
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -135,6 +136,33 @@ def test_conflicting_flags_one_line(flags, expected, capsys):
     assert len(err) == 1 and expected in err[0]
 
 
+def test_precision_defaults_per_script_and_dataset(monkeypatch):
+    """The authors' choices: fp16 autocast for ImageNet-style pretraining on CUDA, fp32
+    for the CIFAR recipe and for both evaluations (eval_linear has no autocast)."""
+    from src.optim import AmpOptimizer
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    expected = {("main", "imagenet"): "fp16", ("main", "demo"): "fp16",
+                ("main", "cifar10"): "fp32", ("main", "cifar100"): "fp32",
+                ("eval_linear", "imagenet"): "fp32", ("eval_knn", "imagenet"): "fp32"}
+    for (script, dataset), precision in expected.items():
+        args = get_args(["--dataset", dataset], script)
+        assert args.precision == precision, (script, dataset)
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        dtype = AmpOptimizer(optimizer, torch.device("cuda"), args.precision).dtype
+        assert dtype == (torch.float16 if precision == "fp16" else None)
+    assert get_args(["--precision", "bf16"], "eval_linear").precision == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert get_args([]).precision == "fp32"  # CPU
+
+
+def test_fp16_without_cuda_is_refused(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as exit_info:
+        get_args(["--precision", "fp16"])
+    assert exit_info.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+
+
 def test_authors_flags_parse_unchanged():
     args = get_args(["--epoch", "200", "--data_path", "X", "--dump_path", "Y",
                      "--warmup_epochs", "10", "--lr", "0.4", "--batch_size", "256"])
@@ -147,14 +175,33 @@ def test_authors_flags_parse_unchanged():
         ("resnet18", 1000, 0.3, 1e-4, [32])
 
 
-def test_help_documents_every_flag():
+def test_help_documents_every_flag_own_flags_first(capsys):
+    import eval_knn
+    import eval_linear
+    from args import FLAGS, SCRIPTS
     result = subprocess.run([sys.executable, "main.py", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0
+    assert result.returncode == 0 and "pretraining" in result.stdout
+    scripts = {"main": main_script.main, "eval_linear": eval_linear.main,
+               "eval_knn": eval_knn.main}
+    assert set(scripts) == set(SCRIPTS)
+    for script, entry in scripts.items():
+        with pytest.raises(SystemExit) as exit_info:
+            entry(["--help"])
+        assert exit_info.value.code == 0
+        text = capsys.readouterr().out
+        options = text[text.index("options:"):]
+        others = options.index(f"accepted for compatibility, not read by {script}.py")
+        for _, readers, names, kwargs in FLAGS:
+            assert kwargs["help"], names
+            place = re.search(rf"\n  {re.escape(names[0])}[ ,\n]", options).start()
+            assert (place < others) == (script in readers), (script, names)
     for action in build_parser()._actions:
         for option in action.option_strings:
             assert option in result.stdout
-        assert action.help, action.option_strings
+    ignored = [kw["help"] for _, readers, names, kw in FLAGS if names[0] in ("--world_size",
+                                                                             "--rank")]
+    assert all(h.startswith("ignored:") for h in ignored) and len(ignored) == 2
 
 
 def test_readme_flag_table_is_current():
@@ -180,3 +227,30 @@ def test_quickstart_and_benchmark_tools_run(demo_path, tmp_path):
                             "--warmup", "0"], cwd=REPO, capture_output=True, text=True,
                            timeout=300)
     assert bench.returncode == 0 and "images/s" in bench.stdout, bench.stderr[-2000:]
+
+
+def readme_commands():
+    """(script, flags, processes) of every `torchrun ... SCRIPT.py ...` README line."""
+    for line in (REPO / "README.md").read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["torchrun"]:
+            index = next(i for i, w in enumerate(words) if w.endswith(".py"))
+            launcher = dict(w.split("=") for w in words[1:index] if "=" in w)
+            processes = int(launcher["--nproc_per_node"]) * int(launcher.get("--nnodes", 1))
+            yield words[index][:-3], words[index + 1:], processes
+
+
+def test_readme_quotes_the_authors_recipes():
+    """batch 256 = 1 GPU; batch 1024 = 4 GPUs with 10 warm-up epochs; --lr 0.4 only with
+    800 epochs; the linear probe uses --lr_classifier 10 after a batch-256 pretraining."""
+    commands = list(readme_commands())
+    assert len(commands) >= 10
+    for script, flags, nproc in commands:
+        args = get_args(flags, script)  # every command parses
+        if script == "main" and args.dataset == "imagenet":
+            total = args.batch_size * nproc
+            assert (args.warmup_epochs == 10) == (total == 1024), flags
+            assert (args.lr == 0.4) == (args.epochs == 800), flags
+        if script == "eval_linear" and args.weights == "freeze":
+            expected = 10.0 if "bs256" in args.pretrained else 40.0
+            assert args.lr_classifier == expected, flags

@@ -124,6 +124,21 @@ def test_momentum_forward_uses_updated_weights():
     assert model(views).item() == pytest.approx(reference(views).item(), rel=1e-5)
 
 
+def test_cifar_recipe_has_the_authors_cifar_keys_and_no_predictor():
+    """resa_cifar's method has no predictor: its state_dict is encoder, projector,
+    momentum_encoder, momentum_projector (SPEC §7); --pred turns one on."""
+    model = get_method(tiny_args())
+    assert model.predictor is None
+    assert [name for name, _ in model.named_children()] == [
+        "encoder", "projector", "momentum_encoder", "momentum_projector"]
+    assert {k.split(".")[0] for k in model.state_dict()} == {
+        "encoder", "projector", "momentum_encoder", "momentum_projector"}
+    assert get_method(tiny_args("--pred")).predictor is not None
+    assert get_args(["--dataset", "cifar100"]).pred is False
+    assert get_args(["--dataset", "demo"]).pred is True
+    assert get_args(["--dataset", "imagenet", "--no_pred"]).pred is False
+
+
 def test_state_dict_layout_matches_released_checkpoints():
     args = get_args(["--dataset", "imagenet", "--data_path", "unused"])  # resnet50 defaults
     model = get_method(args)
@@ -144,7 +159,7 @@ def test_state_dict_layout_matches_released_checkpoints():
 
 
 def test_momentum_copies_get_no_gradients():
-    model = get_method(tiny_args())
+    model = get_method(tiny_args("--pred"))
     assert all(not p.requires_grad for p in model.momentum_parameters())
     loss = model([torch.randn(4, 3, 32, 32) for _ in range(2)])
     loss.backward()

@@ -16,10 +16,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from args import get_args  # noqa: E402
-from main import build_optimizer  # noqa: E402
 from method import get_method  # noqa: E402
 from src.data import dataset_info  # noqa: E402
-from src.engine import AmpOptimizer  # noqa: E402
+from src.optim import AmpOptimizer, build_optimizer  # noqa: E402
 
 
 def main():
@@ -39,7 +38,7 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     crop = bench.crop or dataset_info(bench.dataset).crop_size
     model = get_method(args).to(device).train()
-    amp = AmpOptimizer(build_optimizer(model, 0.1, args), device)
+    amp = AmpOptimizer(build_optimizer(model, 0.1, args), device, args.precision)
     views = [torch.randn(bench.batch_size, 3, crop, crop, device=device) for _ in range(2)]
 
     def step():

@@ -8,28 +8,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from args import build_parser  # noqa: E402
+from args import FLAGS, SCRIPTS  # noqa: E402
+
+SHORT = {"main": "main", "eval_linear": "linear", "eval_knn": "knn"}
 
 
 def rows():
-    parser = build_parser()
-    for group in parser._action_groups:
-        actions = [a for a in group._group_actions if a.option_strings and a.dest != "help"]
-        if not actions:
-            continue
-        yield f"| **{group.title}** | | |"
-        for action in actions:
-            names = " ".join(f"`{name}`" for name in action.option_strings)
-            shown = "" if action.default is None or action.nargs == 0 else action.default
-            default = f"`{shown}`" if shown != "" else ""
-            yield f"| {names} | {default} | {action.help.replace('|', '/')} |"
+    title = None
+    for group, readers, names, kwargs in FLAGS:
+        if group != title:
+            title = group
+            yield f"| **{group}** | | | |"
+        shown = kwargs.get("default")
+        default = "" if shown is None or kwargs.get("action") else f"`{shown}`"
+        read_by = ", ".join(SHORT[s] for s in SCRIPTS if s in readers) or "none"
+        flags = " ".join(f"`{name}`" for name in names)
+        yield f"| {flags} | {default} | {read_by} | {kwargs['help'].replace('|', '/')} |"
 
 
 def main():
     argparse.ArgumentParser(description="Print the README's markdown table of the flags "
                             "of main.py, eval_knn.py and eval_linear.py.").parse_args()
-    print("| flag | default | meaning |")
-    print("|---|---|---|")
+    print("| flag | default | read by | meaning |")
+    print("|---|---|---|---|")
     for row in rows():
         print(row)
 

@@ -1,0 +1,34 @@
+"""Optimizers and the mixed-precision step that drives them (SPEC §4)."""
+import torch
+
+PRECISIONS = ("fp16", "bf16", "fp32")
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
+
+
+def build_optimizer(model, lr, args):
+    """SGD (momentum 0.9) or AdamW, weight decay on all parameters; lr set per step."""
+    params = model.parameters()  # as the authors: the optimizer state matches their files
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=args.wd)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=args.wd)
+
+
+class AmpOptimizer:
+    """An optimizer stepped under `precision`: fp16 = float16 autocast with loss scaling
+    (CUDA), bf16 = bfloat16 autocast without scaling, fp32 = no autocast."""
+
+    def __init__(self, optimizer, device, precision="fp32"):
+        self.optimizer = optimizer
+        self.device_type = device.type
+        self.dtype = AUTOCAST_DTYPES[precision]
+        self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype or torch.float32,
+                              enabled=self.dtype is not None)
+
+    def step(self, loss):
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
