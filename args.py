@@ -21,8 +21,11 @@ SCRIPTS = {
     "eval_linear": "Linear probe (--weights freeze) or fine-tuning (--weights finetune) of a "
                    "pretrained encoder with a linear head.",
     "eval_knn": "Weighted k-NN evaluation of a pretrained encoder, as in DINO.",
+    "clusters": "Clustering properties of a checkpoint's encodings and embeddings "
+                "(silhouette, k-means ARI/NMI, k-NN) and their t-SNE picture.",
 }
 ALL, MAIN, LINEAR, KNN = set(SCRIPTS), {"main"}, {"eval_linear"}, {"eval_knn"}
+CLUSTERS = {"clusters"}
 
 
 def str2bool(value):
@@ -43,8 +46,19 @@ FLAGS = [
         "automatically from the checkpoint found here")),
     ("run", ALL, ("--seed",), dict(
         type=int, default=None,
-        help="random seed (python, numpy, torch; offset by rank for data); unset = "
-        "nondeterministic")),
+        help="random seed: model initialisation, data order and augmentations (the "
+        "views of sample i in epoch e are drawn from (seed, e, i) alone, whatever the "
+        "number of workers or processes); unset = a random seed, logged and kept in the "
+        "checkpoint")),
+    ("run", MAIN | LINEAR, ("--checkpoint_minutes",), dict(
+        type=float, default=30,
+        help="also write the checkpoint inside an epoch every N minutes of training "
+        "(rank 0's clock decides for every process); 0 = at epoch ends only")),
+    ("run", MAIN | LINEAR, ("--checkpoint_iters",), dict(
+        type=int, default=0,
+        help="also write the checkpoint every N iterations; 0 = off")),
+    ("run", MAIN | LINEAR, ("--log_every",), dict(
+        type=int, default=50, help="iterations between two log lines in out.log")),
     ("run", ALL, ("--precision",), dict(
         type=str, default=None, choices=PRECISIONS,
         help="fp16 = float16 autocast with loss scaling (CUDA only), bf16 = bfloat16 "
@@ -150,7 +164,7 @@ FLAGS = [
         help="after the first epoch, every N epochs and after the last: 5-NN, weighted "
         "k-NN and a linear classifier on the momentum encoder's features; 0 disables")),
 
-    ("evaluation", LINEAR | KNN, ("--pretrained",), dict(
+    ("evaluation", LINEAR | KNN | CLUSTERS, ("--pretrained",), dict(
         type=str, default="",
         help="checkpoint to evaluate: our checkpoint.pth.tar, the authors' full or "
         "encoder-only release, or an exported encoder; empty = a randomly initialised "
@@ -179,10 +193,10 @@ FLAGS = [
     ("evaluation", LINEAR, ("--scheduler",), dict(
         type=str, default="step", choices=("step", "cos"),
         help="step = x0.1 at epochs 60 and 80; cos = cosine to 0")),
-    ("evaluation", KNN | MAIN, ("--nb_knn",), dict(
+    ("evaluation", KNN | MAIN | CLUSTERS, ("--nb_knn",), dict(
         type=int, nargs="+", default=[5, 10, 15, 20, 25],
         help="k values of the weighted k-NN (the monitor uses the one nearest 20)")),
-    ("evaluation", KNN | MAIN, ("--knn_temperature",), dict(
+    ("evaluation", KNN | MAIN | CLUSTERS, ("--knn_temperature",), dict(
         type=float, default=0.07, help="temperature of the weighted k-NN votes")),
     ("evaluation", KNN, ("--use_cuda",), dict(
         type=str2bool, default=True,
@@ -207,12 +221,13 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def build_parser(script="main"):
-    """The parser of `script` (a key of SCRIPTS): its own flags first, grouped; then
-    every other flag, accepted but not read by it."""
+def build_parser(script="main", own_flags=()):
+    """The parser of `script` (a key of SCRIPTS): its `own_flags` (entries shaped like
+    FLAGS', read by that script alone) and its shared flags first, grouped; then every
+    other flag, accepted but not read by it."""
     p = OneLineParser(description=SCRIPTS[script], formatter_class=HelpFormatter)
     groups = {}
-    for title, readers, names, kwargs in FLAGS:
+    for title, readers, names, kwargs in [*own_flags, *FLAGS]:
         if script in readers:
             if title not in groups:
                 groups[title] = p.add_argument_group(title)
@@ -275,8 +290,12 @@ def check_args(parser, args):
     for name in positive:
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.workers < 0 or args.warmup_epochs < 0 or args.eval_every < 0:
-        parser.error("--workers, --warmup_epochs and --eval_every must be >= 0")
+    if min(args.workers, args.warmup_epochs, args.eval_every, args.checkpoint_minutes,
+           args.checkpoint_iters) < 0:
+        parser.error("--workers, --warmup_epochs, --eval_every, --checkpoint_minutes and "
+                     "--checkpoint_iters must be >= 0")
+    if args.log_every <= 0:
+        parser.error("--log_every must be positive")
     if args.temperature <= 0 or args.knn_temperature <= 0:
         parser.error("temperatures must be positive")
     if not 0 <= args.momentum <= 1:
@@ -293,9 +312,9 @@ def check_args(parser, args):
         parser.error("--precision fp16 needs a CUDA GPU (loss scaling); use bf16 or fp32 on CPU")
 
 
-def get_args(argv=None, script="main"):
+def get_args(argv=None, script="main", own_flags=()):
     """Parse `argv` (default: sys.argv[1:]) for `script`, resolve defaults, validate."""
-    parser = build_parser(script)
+    parser = build_parser(script, own_flags)
     args = parser.parse_args(argv)
     args.script = script
     resolve_defaults(args)

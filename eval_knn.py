@@ -25,7 +25,7 @@ RESULTS = "knn_results.json"
 
 
 def evaluate(args):
-    log = start_run(args)
+    log = start_run(args)[0]
 
     encoder, _ = build_encoder(args.arch, dataset_info(args.dataset).small_images)
     load_pretrained_encoder(encoder.to(args.device).eval(), args.pretrained)

@@ -15,11 +15,10 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import CosineAnnealingLR, MultiStepLR
 
 from args import get_args
-from src.checkpoint import plain_args, restore, save_atomic, with_module_prefix
 from src.data import dataset_info
 from src.distributed import (all_reduce_sum, distribute, is_main_process, main_process_first,
                              run_distributed)
-from src.engine import progress, train_epoch
+from src.engine import progress
 from src.errors import UsageError, exit_on_usage_error
 from src.eval_data import eval_datasets
 from src.loader import eval_loader, train_loader
@@ -31,10 +30,12 @@ from src.pretrained import broadcast_from_rank0, load_pretrained_encoder
 from src.runtime import start_run
 from src.schedules import scaled_lr
 from src.subsets import select_subset, subset_names
+from src.train_loop import TrainLoop
 
 CHECKPOINT = "checkpoint.pth.tar"
 BEST = "best.pth.tar"
 RESULTS = "linear_results.json"
+SCORES = ("best_acc", "best_acc5", "best_epoch", "last_acc", "last_acc5")
 STEP_MILESTONES = (60, 80)  # --scheduler step: x0.1 at these epochs
 
 
@@ -114,19 +115,6 @@ def validate(model, dataset, args, amp):
     return percent(counts[0], counts[2]), percent(counts[1], counts[2])
 
 
-def resume(path, model, scheduler, amp, log):
-    """Restore a run from `path`; return (epochs done, scores) or (0, {}) if none."""
-    checkpoint = restore(path, model, amp, ("epoch", "optimizer", "scheduler"),
-                         "eval_linear.py")
-    if checkpoint is None:
-        return 0, {}
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    scores = {k: checkpoint[k] for k in ("best_acc", "best_acc5", "best_epoch", "last_acc",
-                                         "last_acc5") if k in checkpoint}
-    log.info(f"resumed from {path} after epoch {checkpoint['epoch']}")
-    return checkpoint["epoch"], scores
-
-
 def snapshot(module):
     """A CPU copy of every tensor of `module.state_dict()`, buffers included."""
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
@@ -162,8 +150,8 @@ def verify_frozen(encoder, reference, log):
 
 
 def linear_eval(args):
-    log = start_run(args)
-
+    log, run, checkpoint = start_run(args, CHECKPOINT, required=("epoch", "optimizer",
+                                                                 "scheduler"))
     encoder, feature_dim = build_encoder(args.arch, dataset_info(args.dataset).small_images)
     load_pretrained_encoder(encoder.to(args.device), args.pretrained)
     train, val = eval_datasets(args, "train_aug", val_kind="val")
@@ -178,17 +166,10 @@ def linear_eval(args):
         log.info(f"{group['name']} lr {group['lr']:.6g} (batch-scaled), {args.scheduler} "
                  f"schedule")
     amp = AmpOptimizer(optimizer, args.device, args.precision)
-    checkpoint_path = os.path.join(args.dump_path, CHECKPOINT)
-    start_epoch, scores = resume(checkpoint_path, model, scheduler, amp, log)
-    if frozen and start_epoch:
-        loaded = resumed_reference(model.encoder, loaded, args, checkpoint_path)
-
     model, trained = distribute(model, args)
     torch.backends.cudnn.benchmark = True
     # every training image is used each epoch, as the authors do (SPEC §5)
-    loader = train_loader(train, args.batch_size, args.workers, seed=args.seed or 0,
-                          drop_last=False)
-    writer = ScalarWriter(os.path.join(args.dump_path, "tb"), is_main_process())
+    loader = train_loader(train, args.batch_size, args.workers, args.seed, drop_last=False)
 
     def forward(batch):
         images, target = batch
@@ -198,31 +179,46 @@ def linear_eval(args):
     def learning_rates(_iteration):
         return {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}
 
+    scores = {}
+
+    def save(position, best=False):
+        extra = {"scheduler": scheduler.state_dict(), **scores}
+        run.save(position, model, amp, extra,
+                 copies=[os.path.join(args.dump_path, BEST)] if best else [])
+
+    loop = TrainLoop(loader, forward, amp, epochs=args.epochs, device=args.device, save=save,
+                     before_step=learning_rates, checkpoint_minutes=args.checkpoint_minutes,
+                     checkpoint_iters=args.checkpoint_iters, log_every=args.log_every)
+    if checkpoint:
+        run.restore(checkpoint, model, amp)
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scores.update({k: checkpoint[k] for k in SCORES if k in checkpoint})
+        loop.load_position(checkpoint)
+        log.info(f"resumed from {checkpoint['source']} at epoch {loop.epoch + 1}, "
+                 f"iteration {loop.iteration}")
+        if frozen:
+            loaded = resumed_reference(model.encoder, loaded, args, checkpoint["source"])
+    loop.writer = writer = ScalarWriter(os.path.join(args.dump_path, "tb"),
+                                        is_main_process(), purge_step=loop.step)
     try:
-        for epoch in range(start_epoch, args.epochs):
-            loader.sampler.set_epoch(epoch)
-            trained.train()
-            loss = train_epoch(loader, forward, amp, epoch=epoch, epochs=args.epochs,
-                               before_step=learning_rates, writer=writer)
-            scheduler.step()
-            if not frozen:  # every shard is scored with rank 0's batch-norm statistics
-                broadcast_from_rank0(model)
-            top1, top5 = validate(model, val, args, amp)
-            is_best = "best_acc" not in scores or top1 > scores["best_acc"]
-            if is_best:
-                scores.update(best_acc=top1, best_acc5=top5, best_epoch=epoch + 1)
-            scores.update(last_acc=top1, last_acc5=top5)
-            writer.add(epoch + 1, "val/", top1=top1, top5=top5)
-            writer.add(epoch + 1, "epoch/", loss=loss)
-            if is_main_process():
-                state = {"epoch": epoch + 1, "state_dict": with_module_prefix(model.state_dict()),
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "scaler": amp.scaler.state_dict(), **scores, "args": plain_args(args)}
-                save_atomic(state, checkpoint_path)
+        with loop:
+            while loop.epoch < args.epochs:
+                trained.train()
+                loss = loop.run_epoch()
+                scheduler.step()
+                if not frozen:  # every shard is scored with rank 0's batch-norm statistics
+                    broadcast_from_rank0(model)
+                top1, top5 = validate(model, val, args, amp)
+                is_best = "best_acc" not in scores or top1 > scores["best_acc"]
                 if is_best:
-                    save_atomic(state, os.path.join(args.dump_path, BEST))
-            log.info(f"epoch {epoch + 1}/{args.epochs}: loss {loss:.4f}, val top-1 {top1:.2f} "
-                     f"top-5 {top5:.2f} (best top-1 {scores['best_acc']:.2f})")
+                    scores.update(best_acc=top1, best_acc5=top5, best_epoch=loop.epoch)
+                scores.update(last_acc=top1, last_acc5=top5)
+                writer.add(loop.step, "val/", top1=top1, top5=top5)
+                writer.add(loop.step, "epoch/", loss=loss)
+                save(loop.position(), best=is_best)
+                log.info(f"epoch {loop.epoch}/{args.epochs}: loss {loss:.4f}, val top-1 "
+                         f"{top1:.2f} top-5 {top5:.2f} (best top-1 {scores['best_acc']:.2f})")
+                loop.stop_if_requested()
     finally:
         writer.close()
 

@@ -1,7 +1,9 @@
 """ReSA pretraining (SPEC §4): `python main.py ...` runs one process, `torchrun ...` many.
 
 CPU runs in fp32 with gloo; CUDA runs with float16 autocast (fp32 on the CIFAR recipe),
-NCCL and SyncBatchNorm. A run resumes from `dump_path/checkpoint.pth.tar` when it exists.
+NCCL and SyncBatchNorm. A run resumes from `dump_path/checkpoint.pth.tar` when it exists,
+exactly where it stopped (inside an epoch too); SIGTERM, SIGINT and SIGUSR1 stop it with
+a checkpoint (exit code 75).
 """
 import os
 import sys
@@ -10,30 +12,21 @@ import torch
 
 from args import get_args
 from method import get_method
-from src.checkpoint import plain_args, restore, save_atomic, with_module_prefix
+from src.checkpoint import save_atomic
 from src.data import build_pretrain_dataset
 from src.distributed import distribute, is_main_process, main_process_first, run_distributed
-from src.engine import train_epoch
 from src.errors import NonFiniteLoss, UsageError, exit_on_usage_error
-from src.loader import train_loader
+from src.loader import check_batch_fits, train_loader
 from src.logger import ScalarWriter
 from src.models import pretraining_encoder
 from src.monitor import OnlineMonitor
 from src.optim import AmpOptimizer, build_optimizer
 from src.runtime import start_run
 from src.schedules import lr_schedule, momentum_schedule, scaled_lr
+from src.train_loop import TrainLoop
 
 CHECKPOINT = "checkpoint.pth.tar"
 ENCODER_EXPORT = "encoder.pth"
-
-
-def resume(path, model, amp, log):
-    """Restore a run from `path` if it exists; return the epoch to start from."""
-    checkpoint = restore(path, model, amp, ("epoch",), "pretraining")
-    if checkpoint is None:
-        return 0
-    log.info(f"resumed from {path} after epoch {checkpoint['epoch']}")
-    return checkpoint["epoch"]
 
 
 def pretrain(args):
@@ -41,23 +34,19 @@ def pretrain(args):
         raise UsageError(f"--warmup_epochs {args.warmup_epochs} exceeds --epochs {args.epochs}")
     # the data is checked before anything is written to --dump_path
     dataset = main_process_first(lambda: build_pretrain_dataset(args))
-    loader = train_loader(dataset, args.batch_size, args.workers, seed=args.seed or 0)
+    check_batch_fits(len(dataset), args.batch_size)
     monitored = args.eval_every > 0 and args.dataset != "imagenet"
     monitor = OnlineMonitor(args) if monitored else None
-    log = start_run(args)
+    log, run, checkpoint = start_run(args, CHECKPOINT, required=("epoch",))
     log.info(f"{len(dataset)} training images")
 
+    loader = train_loader(dataset, args.batch_size, args.workers, args.seed)
     model = get_method(args, *pretraining_encoder(args.arch, args.dataset)).to(args.device)
     model, trained = distribute(model, args, sync_batchnorm=True)
     torch.backends.cudnn.benchmark = True
-
     lr = scaled_lr(args.lr, args.batch_size, args.world_size)
     amp = AmpOptimizer(build_optimizer(model, lr, args), args.device, args.precision)
-    iters = len(loader)
-    lrs, momentums = lr_schedule(args, lr, iters), momentum_schedule(args, iters)
-    checkpoint_path = os.path.join(args.dump_path, CHECKPOINT)
-    start_epoch = resume(checkpoint_path, model, amp, log)
-    writer = ScalarWriter(os.path.join(args.dump_path, "tb"), is_main_process())
+    lrs, momentums = lr_schedule(args, lr, len(loader)), momentum_schedule(args, len(loader))
 
     def before_step(iteration):
         lr_now, momentum_now = float(lrs[iteration]), float(momentums[iteration])
@@ -66,30 +55,37 @@ def pretrain(args):
         model.momentum = momentum_now
         return {"lr": lr_now, "ema_momentum": momentum_now}
 
+    loop = TrainLoop(loader, trained, amp, epochs=args.epochs, device=args.device,
+                     save=lambda position: run.save(position, model, amp, {}),
+                     before_step=before_step, checkpoint_minutes=args.checkpoint_minutes,
+                     checkpoint_iters=args.checkpoint_iters, log_every=args.log_every)
+    if checkpoint:
+        run.restore(checkpoint, model, amp)
+        loop.load_position(checkpoint)
+        log.info(f"resumed from {checkpoint['source']} at epoch {loop.epoch + 1}, "
+                 f"iteration {loop.iteration}")
+    loop.writer = writer = ScalarWriter(os.path.join(args.dump_path, "tb"),
+                                        is_main_process(), purge_step=loop.step)
     model.train()
     try:
-        for epoch in range(start_epoch, args.epochs):
-            loader.sampler.set_epoch(epoch)
-            loss = train_epoch(loader, trained, amp, epoch=epoch, epochs=args.epochs,
-                               before_step=before_step, writer=writer)
-            if is_main_process():
-                save_atomic({"epoch": epoch + 1,
-                             "state_dict": with_module_prefix(model.state_dict()),
-                             "optimizer": amp.optimizer.state_dict(),
-                             "scaler": amp.scaler.state_dict(),
-                             "args": plain_args(args)}, checkpoint_path)
-            writer.add(epoch + 1, "epoch/", loss=loss)
-            log.info(f"epoch {epoch + 1}/{args.epochs} done: mean loss {loss:.4f}, "
-                     f"checkpoint {checkpoint_path}")
-            if monitor and (epoch == 0 or (epoch + 1) % args.eval_every == 0
-                            or epoch + 1 == args.epochs):
-                scores = monitor.evaluate(model.momentum_encoder)  # on every rank
-                writer.add(epoch + 1, "monitor/", **scores)
-                log.info(f"monitor after epoch {epoch + 1}: "
-                         + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+        with loop:
+            while loop.epoch < args.epochs:
+                loss = loop.run_epoch()
+                loop.save()
+                writer.add(loop.step, "epoch/", loss=loss)
+                log.info(f"epoch {loop.epoch}/{args.epochs} done: mean loss {loss:.4f}, "
+                         f"checkpoint {run.path}")
+                epoch = loop.epoch
+                if monitor and (epoch == 1 or epoch % args.eval_every == 0
+                                or epoch == args.epochs):
+                    scores = monitor.evaluate(model.momentum_encoder)  # on every rank
+                    writer.add(loop.step, "monitor/", **scores)
+                    log.info(f"monitor after epoch {epoch}: "
+                             + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+                loop.stop_if_requested()
     except NonFiniteLoss as err:
-        kept = (f"the last good checkpoint {checkpoint_path} is intact"
-                if os.path.isfile(checkpoint_path) else "no checkpoint was written")
+        kept = (f"the last good checkpoint {run.path} is intact"
+                if os.path.isfile(run.path) else "no checkpoint was written")
         log.error(f"stopping: {err}; {kept}")
         sys.exit(1)
     finally:

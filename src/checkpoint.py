@@ -1,9 +1,12 @@
-"""Checkpoint I/O: atomic writes, `weights_only` loading, resume and encoder export.
+"""Checkpoint files: atomic writes that keep the previous checkpoint, `weights_only`
+loading, and the key mapping of every checkpoint form users have.
 
 Layout of `checkpoint.pth.tar` (SPEC §4): `epoch` (epochs completed), `state_dict`
-(model keys prefixed `module.` as under DDP), `optimizer`; we add `scaler` (AMP) and
-`args` (the flags, as plain values) for reproducibility.
+(model keys prefixed `module.` as under DDP), `optimizer`; we add `iteration`
+(iterations done inside the next epoch), `scaler` (AMP), `args` (the flags, as plain
+values) and what an exact continuation needs (see src/resume.py).
 """
+import glob
 import os
 import pickle
 import tempfile
@@ -12,14 +15,31 @@ import numpy as np
 import torch
 
 from src.errors import UsageError
+from src.logger import get_logger
+
+TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".pth"
 
 
-def save_atomic(obj, path):
-    """Write to a temporary file in the same folder, fsync, then rename over `path`,
-    so that a killed run leaves either the old or the new file, never half of one."""
+def previous_path(path):
+    """Where the checkpoint before `path` is kept: checkpoint.pth.tar -> checkpoint.prev.pth.tar."""
+    folder, name = os.path.split(path)
+    stem, dot, rest = name.partition(".")
+    return os.path.join(folder, f"{stem}.prev{dot}{rest}")
+
+
+def save_atomic(obj, path, keep_previous=False):
+    """Write `obj` to `path` so that a kill at any moment leaves a complete file.
+
+    The bytes go to a temporary file in the same folder, are fsynced, and the file is
+    renamed over `path`; with `keep_previous` the old `path` first becomes
+    `previous_path(path)`. A failed write (disk full, quota, permission) is one
+    UsageError naming the path and the OS error; the old files stay as they were and
+    no temporary file is left.
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pth")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is not what users expect
@@ -27,11 +47,54 @@ def save_atomic(obj, path):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and os.path.exists(path):
+            os.replace(path, previous_path(path))
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        tmp = None
+        directory = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the renames themselves survive a power cut
+        finally:
+            os.close(directory)
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
-        raise
+
+
+def remove_stray_temp_files(folder):
+    """Delete the temporary files that a run killed while saving left in `folder`."""
+    for path in glob.glob(os.path.join(folder, f"{TEMP_PREFIX}*{TEMP_SUFFIX}")):
+        os.remove(path)
+        get_logger().info(f"removed {path}, left by a run killed while saving")
+
+
+def newest_checkpoint(path):
+    """(checkpoint, file it came from) of the newest readable checkpoint at `path`, or
+    (None, None) when there is none.
+
+    When `path` is unreadable (or missing while its previous copy exists) the run says so
+    and resumes from `previous_path(path)`; when neither loads it stops, rather than
+    start again from nothing over a run it cannot read.
+    """
+    previous = previous_path(path)
+    if not os.path.isfile(path) and not os.path.isfile(previous):
+        return None, None
+    try:
+        return load_file(path), path
+    except UsageError as err:
+        newest = err
+    if not os.path.isfile(previous):
+        raise UsageError(f"{newest}; no previous checkpoint {previous} to fall back on: move "
+                         f"the file away to start a new run")
+    try:
+        checkpoint = load_file(previous)
+    except UsageError as err:
+        raise UsageError(f"{newest}; the previous one is unreadable too ({err}): move both "
+                         f"away to start a new run") from None
+    get_logger().warning(f"{newest}: resuming from the previous checkpoint {previous}")
+    return checkpoint, previous
 
 
 # The authors' training loop stores numpy scalars (the scheduled lr) in the optimizer
@@ -96,30 +159,6 @@ def load_model_state(model, state_dict, source):
         model.load_state_dict(state_dict)
     except RuntimeError as err:
         raise UsageError(f"{source} does not fit this model: {str(err).splitlines()[-1].strip()}")
-
-
-def restore(path, model, amp, required, kind):
-    """Resume a run: load model, optimizer and AMP scaler from `path` when it exists.
-
-    Returns the checkpoint dict (None without a file); a file lacking `required` keys
-    or written with other settings is a UsageError.
-    """
-    if not os.path.isfile(path):
-        return None
-    checkpoint = load_file(path)
-    missing = [key for key in ("state_dict", *required) if key not in checkpoint]
-    if missing:
-        raise UsageError(f"{path} is not a {kind} checkpoint (no {', '.join(missing)}); "
-                         f"use another --dump_path")
-    load_model_state(model, strip_prefix(checkpoint["state_dict"], "module."), path)
-    if "optimizer" in checkpoint:
-        try:
-            amp.optimizer.load_state_dict(checkpoint["optimizer"])
-        except ValueError as err:
-            raise UsageError(f"{path} was written with other settings: {err}")
-    if "scaler" in checkpoint and amp.scaler.is_enabled():
-        amp.scaler.load_state_dict(checkpoint["scaler"])
-    return checkpoint
 
 
 def few_keys(keys, n=5):

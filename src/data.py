@@ -61,6 +61,25 @@ def dataset_info(name):
     return _INFO[name]
 
 
+class UnreadableImage(UsageError):
+    """An image file that does not decode (truncated, not an image, gone). Training
+    substitutes another sample (src.loader.SeededSamples); evaluation stops."""
+
+    def __init__(self, message, path=None):
+        super().__init__(message)
+        self.path = path
+
+
+def read_rgb(path):
+    """The RGB image at `path` (torchvision's ImageFolder loader, with a clear error)."""
+    try:
+        with open(path, 'rb') as f:
+            return Image.open(f).convert('RGB')
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise UnreadableImage(f'cannot read image {path} ({type(err).__name__}: {err})',
+                              str(path)) from None
+
+
 # ----------------------------------------------------------------------------- transforms
 
 class ToRGB:
@@ -248,7 +267,7 @@ def _image_folder(root, split, transform):
     if not any(p.is_dir() for p in folder.iterdir()):
         raise UsageError(f'{folder} has no class folders (expected {split}/<class>/<image files>)')
     try:
-        return datasets.ImageFolder(str(folder), transform=transform)
+        return datasets.ImageFolder(str(folder), transform=transform, loader=read_rgb)
     except FileNotFoundError as err:
         raise UsageError(f'{folder}: class folders without image files ({err})') from err
 

@@ -126,6 +126,24 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def broadcast_int(value, device):
+    """Rank 0's `value` on every process."""
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())
+
+
+def all_gather_objects(items):
+    """The lists `items` of every process, concatenated in rank order (a collective)."""
+    if not is_distributed():
+        return list(items)
+    lists = [None] * get_world_size()
+    dist.all_gather_object(lists, list(items))
+    return [item for part in lists for item in part]
+
+
 @torch.no_grad()
 def gather_uneven(tensor):
     """Like `gather`, for first dimensions that differ between processes."""

@@ -1,8 +1,12 @@
-"""Bad input ends a script with one clear line and exit code 2, never a traceback;
-a non-finite loss ends it with one line and exit code 1."""
+"""How a script ends when it cannot go on: bad input (flags, paths, data, checkpoints,
+a disk that refuses a checkpoint) with one clear line and exit code 2, never a
+traceback; a non-finite loss with one line and exit code 1; a stop signal, once its
+checkpoint is written, with exit code 75 (see src/preemption.py)."""
 import functools
 import os
 import sys
+
+from src.preemption import EXIT_PREEMPTED, Preempted
 
 
 class UsageError(Exception):
@@ -15,8 +19,8 @@ class NonFiniteLoss(RuntimeError):
 
 def exit_on_usage_error(main):
     """Wrap a script's `main`: a UsageError prints one line and exits with 2, a
-    non-finite loss prints one line and exits with 1."""
-
+    non-finite loss prints one line and exits with 1, Preempted exits with 75 (the
+    run logged why)."""
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
@@ -25,6 +29,8 @@ def exit_on_usage_error(main):
             _fail(err, 2)
         except NonFiniteLoss as err:
             _fail(err, 1)
+        except Preempted:
+            sys.exit(EXIT_PREEMPTED)
 
     return wrapper
 
@@ -32,5 +38,8 @@ def exit_on_usage_error(main):
 def _fail(err, code):
     if os.environ.get("RANK", "0") == "0":  # one message, not one per process
         prog = os.path.basename(sys.argv[0]) if sys.argv else "resa"
-        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+        message = str(err)
+        if "Original Traceback" in message:  # raised in a DataLoader worker: keep its line
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)

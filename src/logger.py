@@ -10,6 +10,8 @@ LOGGER_NAME = "resa"
 def setup_logging(dump_path, rank):
     """Rank 0 logs INFO to stdout and dump_path/out.log; other ranks only warnings."""
     logger = logging.getLogger(LOGGER_NAME)
+    for handler in logger.handlers:
+        handler.close()
     logger.handlers.clear()
     logger.propagate = False
     fmt = logging.Formatter("%(asctime)s | %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
@@ -40,13 +42,18 @@ def save_results(dump_path, name, results):
 
 
 class ScalarWriter:
-    """TensorBoard scalars from rank 0; a no-op elsewhere (and when disabled)."""
+    """TensorBoard scalars from rank 0; a no-op elsewhere (and when disabled).
 
-    def __init__(self, log_dir, enabled):
+    Every scalar's step is the global training iteration. A resumed run passes the step
+    it resumes from (0 for a run that starts afresh) as `purge_step`: TensorBoard then
+    drops what an interrupted run had logged from that step on, so each step shows once.
+    """
+
+    def __init__(self, log_dir, enabled, purge_step=None):
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter  # slow import: only on rank 0
-            self.writer = SummaryWriter(log_dir)
+            self.writer = SummaryWriter(log_dir, purge_step=purge_step)
 
     def add(self, step, prefix="", **scalars):
         if self.writer is not None:

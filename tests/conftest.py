@@ -1,4 +1,4 @@
-"""Fixtures shared by the evaluation tests (helpers live in helpers_eval.py)."""
+"""Fixtures shared by the tests (helpers live in helpers_eval.py)."""
 import pytest
 import torch
 
@@ -13,6 +13,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def demo_path(tmp_path_factory):
+    """The demo dataset, generated once per test session."""
+    from src.demo_data import ensure_demo_dataset
+    path = tmp_path_factory.mktemp("demo") / "data"
+    ensure_demo_dataset(str(path))
+    return str(path)
 
 
 @pytest.fixture(scope="session")

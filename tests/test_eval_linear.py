@@ -64,7 +64,7 @@ def test_linear_probe_keeps_the_encoder_and_resumes(image_folder, resnet18_file,
 
     again = run_script("eval_linear.py", *flags, "--epochs", 2)
     assert_ok(again)
-    assert "resumed from" in again.stdout and "after epoch 1" in again.stdout
+    assert "resumed from" in again.stdout and "at epoch 2, iteration 0" in again.stdout
     assert "epoch 1/2 iter" not in again.stdout
     checkpoint = torch.load(dump / "checkpoint.pth.tar", weights_only=True)
     assert checkpoint["epoch"] == 2

@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from args import FLAGS, SCRIPTS  # noqa: E402
 
-SHORT = {"main": "main", "eval_linear": "linear", "eval_knn": "knn"}
+SHORT = {"main": "main", "eval_linear": "linear", "eval_knn": "knn", "clusters": "clusters"}
 
 
 def rows():
