@@ -78,10 +78,11 @@ def pretrain(args):
                 epoch = loop.epoch
                 if monitor and (epoch == 1 or epoch % args.eval_every == 0
                                 or epoch == args.epochs):
-                    scores = monitor.evaluate(model.momentum_encoder)  # on every rank
+                    scores = monitor.evaluate(model.momentum_encoder,  # on every rank
+                                              model.momentum_projector)
                     writer.add(loop.step, "monitor/", **scores)
                     log.info(f"monitor after epoch {epoch}: "
-                             + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+                             + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
                 loop.stop_if_requested()
     except NonFiniteLoss as err:
         kept = (f"the last good checkpoint {run.path} is intact"

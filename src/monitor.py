@@ -3,18 +3,23 @@
 Every few epochs main.py measures how well the momentum encoder's features of the
 un-augmented train and test images classify, with three cheap probes that need no
 extra training run: Euclidean 5-NN (the authors' CIFAR protocol), DINO's weighted
-k-NN, and a linear classifier trained on the features held in memory.
+k-NN, and a linear classifier trained on the features held in memory. With the
+momentum projector it also follows the paper's clustering properties (SPEC §9) of the
+encoding H and the embedding Z: the silhouette and the k-means ARI, on a fixed
+subset of the test features small enough to cost little against an epoch.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from src.clustering import (kmeans_agreement, nearest_k, projector_features,
+                            seeded_subset, silhouette)
 from src.engine import extract_features
 from src.eval_data import eval_datasets
 from src.knn import euclid_knn_predict, knn_classifier
 from src.metrics import percent
 
-WKNN_K = 20          # weighted k-NN neighbours, or the nearest value of --nb_knn
+CLUSTER_SAMPLES = 2000  # test features on which the silhouette and k-means are computed
 LINEAR_BATCH = 1000
 LINEAR_LR, LINEAR_FINAL_LR, LINEAR_WD = 1e-2, 1e-6, 5e-6
 
@@ -60,16 +65,18 @@ class OnlineMonitor:
         self.args = args
         self.classifier_epochs = classifier_epochs
         self.train, self.test = eval_datasets(args, "plain")
-        self.wknn_k = min(args.nb_knn, key=lambda k: (abs(k - WKNN_K), k))
+        self.wknn_k = nearest_k(args.nb_knn)
 
     def features(self, encoder, dataset, name):
         args = self.args
         return extract_features(encoder, dataset, args.batch_size, args.workers, args.device,
                                 desc=f"monitor {name} features")
 
-    def evaluate(self, encoder):
+    def evaluate(self, encoder, projector=None):
         """{'knn5_euclid_top1', 'wknn{k}_top1', 'linear_top1'}: top-1 in percent of
-        `encoder` (the momentum encoder) on the test set."""
+        `encoder` (the momentum encoder) on the test set; then 'sc_encoding' and
+        'ari_encoding' (silhouette mean and k-means ARI of H), and with `projector`
+        (the momentum projector) 'sc_embedding' and 'ari_embedding' of Z."""
         args = self.args
         train_x, train_y = self.features(encoder, self.train, "train")
         test_x, test_y = self.features(encoder, self.test, "test")
@@ -82,4 +89,21 @@ class OnlineMonitor:
                                       self.classifier_epochs, args.seed or 0)
         return {"knn5_euclid_top1": percent((knn5 == test_y).sum(), total),
                 f"wknn{self.wknn_k}_top1": wknn_top1,
-                "linear_top1": percent((linear == test_y).sum(), total)}
+                "linear_top1": percent((linear == test_y).sum(), total),
+                **self.cluster_scores(test_x, test_y, projector)}
+
+    def cluster_scores(self, test_x, test_y, projector):
+        """Silhouette and ARI of the L2-normalised H (and Z) of a fixed seeded subset
+        of the raw test features `test_x`; Z is the projector run over them."""
+        seed = self.args.seed or 0
+        subset = seeded_subset(len(test_y), CLUSTER_SAMPLES, seed).to(test_x.device)
+        encodings, labels = test_x[subset], test_y[subset]
+        features = {"encoding": F.normalize(encodings, dim=1)}
+        if projector is not None:
+            features["embedding"] = projector_features(projector, encodings,
+                                                       self.args.batch_size)["embedding"]
+        scores = {}
+        for name, x in features.items():
+            scores[f"sc_{name}"] = silhouette(x, labels)[0]
+            scores[f"ari_{name}"] = kmeans_agreement(x, labels, seed)[0]
+        return scores

@@ -19,6 +19,26 @@ def broadcast_from_rank0(module):
             dist.broadcast(tensor, src=0)
 
 
+def load_encoder_state(encoder, checkpoint, source):
+    """Load the encoder weights of `checkpoint` (a loaded file of any form) into
+    `encoder`, strictly; return the form found. A file that fits no encoder, or lacks
+    some of its keys, is a UsageError."""
+    tensors = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(tensors, dict):
+        raise UsageError(f"{source} holds no state dict of tensors")
+    state, form = encoder_form(checkpoint)
+    wanted = encoder.state_dict()
+    if not set(state) & set(wanted):
+        raise UsageError(f"{source} fits no encoder: it holds "
+                         f"{few_keys(sorted(map(str, tensors)))} but no encoder key such as "
+                         f"{few_keys(list(wanted), 3)}")
+    load_model_state(encoder, state, source)
+    epoch = checkpoint.get("epoch")
+    saved = f", saved after epoch {epoch}" if epoch is not None else ""
+    get_logger().info(f"loaded {len(state)} encoder tensors from {source} ({form}{saved})")
+    return form
+
+
 def load_pretrained_encoder(encoder, path):
     """Load `path` into `encoder` strictly; return the form found (None for random init).
 
@@ -26,23 +46,9 @@ def load_pretrained_encoder(encoder, path):
     rank 0's on every process. A missing file, pickled code, or a file that lacks any
     or some of the encoder's keys is a UsageError.
     """
-    log = get_logger()
     if not path:
-        log.warning("no --pretrained given: evaluating a RANDOMLY INITIALISED encoder "
-                    "(the random baseline)")
+        get_logger().warning("no --pretrained given: evaluating a RANDOMLY INITIALISED "
+                             "encoder (the random baseline)")
         broadcast_from_rank0(encoder)
         return None
-    checkpoint = load_file(path)
-    tensors = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(tensors, dict):
-        raise UsageError(f"{path} holds no state dict of tensors")
-    state, form = encoder_form(checkpoint)
-    wanted = encoder.state_dict()
-    if not set(state) & set(wanted):
-        raise UsageError(f"{path} fits no encoder: it holds {few_keys(sorted(map(str, tensors)))}"
-                         f" but no encoder key such as {few_keys(list(wanted), 3)}")
-    load_model_state(encoder, state, path)
-    epoch = checkpoint.get("epoch")
-    saved = f", saved after epoch {epoch}" if epoch is not None else ""
-    log.info(f"loaded {len(state)} encoder tensors from {path} ({form}{saved})")
-    return form
+    return load_encoder_state(encoder, load_file(path), path)

@@ -1,4 +1,5 @@
-"""Online monitor (SPEC §7): Euclidean 5-NN, weighted k-NN and the linear classifier."""
+"""Online monitor (SPEC §7): Euclidean 5-NN, weighted k-NN and the linear classifier;
+the silhouette and k-means ARI of H and Z (SPEC §9)."""
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +11,8 @@ from args import get_args
 from helpers_eval import TensorImages, fast_flags
 from src import knn, monitor
 from src.distributed import init_distributed
-from src.models import build_encoder
+from src.clustering import kmeans_agreement, seeded_subset, silhouette
+from src.models import build_encoder, build_projector
 from src.knn import euclid_knn_predict, knn_classifier
 from src.monitor import OnlineMonitor, linear_probe_predict
 
@@ -72,25 +74,68 @@ def monitor_args(**overrides):
     return SimpleNamespace(**{**values, **overrides})
 
 
-def test_evaluate_returns_the_three_probes_of_the_encoder(monkeypatch):
+PROBES = ("knn5_euclid_top1", "wknn25_top1", "linear_top1")
+
+
+def blob_monitor(monkeypatch, test_shift=0):
+    """(monitor, raw test features, test set, transform kinds asked for) on flattened
+    3-class blobs; `test_shift` relabels the test set."""
     (train_x, train_y), (test_x, test_y) = blobs(40, 0), blobs(10, 1)
-    test_y = (test_y + 1) % 3  # every label wrong: every probe scores 0%
     train = TensorImages(train_x.view(-1, 3, 2, 2), train_y, 3)
-    test = TensorImages(test_x.view(-1, 3, 2, 2), test_y, 3)
+    test = TensorImages(test_x.view(-1, 3, 2, 2), (test_y + test_shift) % 3, 3)
     kinds = []
     monkeypatch.setattr(monitor, "eval_datasets",
                         lambda args, kind: kinds.append(kind) or (train, test))
-    probe = OnlineMonitor(monitor_args(), classifier_epochs=300)
+    return OnlineMonitor(monitor_args(), classifier_epochs=300), test_x, test, kinds
+
+
+def test_evaluate_returns_the_three_probes_of_the_encoder(monkeypatch):
+    probe, test_x, test, kinds = blob_monitor(monkeypatch, test_shift=1)  # all wrong
+    train_x, train_y = blobs(40, 0)
+    test_y = torch.tensor(test.targets)
     encoder = nn.Sequential(nn.Flatten()).train()
     results = probe.evaluate(encoder)
     assert kinds == ["plain"] and encoder.training
-    assert set(results) == {"knn5_euclid_top1", "wknn25_top1", "linear_top1"}
+    assert set(results) == {*PROBES, "sc_encoding", "ari_encoding"}  # no projector, no Z
     wknn, _ = knn_classifier(F.normalize(train_x), train_y, F.normalize(test_x), test_y, 25,
                              T=0.07, num_classes=3)
     assert results["wknn25_top1"] == pytest.approx(wknn) == 0.0
     assert results["knn5_euclid_top1"] == 0.0 and results["linear_top1"] == 0.0
     test.targets = blobs(10, 1)[1].tolist()  # the right labels: every probe is perfect
-    assert probe.evaluate(encoder) == {k: 100.0 for k in results}
+    assert {k: probe.evaluate(encoder)[k] for k in PROBES} == {k: 100.0 for k in PROBES}
+
+
+def test_clustering_scores_of_h_and_z_on_the_test_features(monkeypatch):
+    probe, test_x, test, _ = blob_monitor(monkeypatch)
+    labels = torch.tensor(test.targets)
+    torch.manual_seed(0)
+    projector = build_projector(12, 2, 16, 8).train()
+    for name, buffer in projector.state_dict().items():  # eval mode must use these
+        if name.endswith("running_mean"):
+            buffer.uniform_(-1, 1)
+    results = probe.evaluate(nn.Flatten(), projector)
+    assert list(results)[3:] == ["sc_encoding", "ari_encoding", "sc_embedding", "ari_embedding"]
+    assert projector.training
+    # separated blobs: H clusters perfectly
+    assert results["sc_encoding"] == pytest.approx(silhouette(F.normalize(test_x), labels)[0])
+    assert results["sc_encoding"] > 0.9 and results["ari_encoding"] == pytest.approx(1.0)
+    with torch.no_grad():
+        z = F.normalize(projector.eval()(test_x), dim=1)
+    assert results["sc_embedding"] == pytest.approx(silhouette(z, labels)[0], abs=1e-5)
+    assert results["ari_embedding"] == pytest.approx(kmeans_agreement(z, labels)[0])
+
+
+def test_clustering_scores_use_a_fixed_seeded_subset(monkeypatch):
+    probe, test_x, test, _ = blob_monitor(monkeypatch)
+    monkeypatch.setattr(monitor, "CLUSTER_SAMPLES", 12)
+    subset = seeded_subset(len(test), 12, seed=0)  # monitor_args: seed 0
+    labels = torch.tensor(test.targets)[subset]
+    first, second = probe.evaluate(nn.Flatten()), probe.evaluate(nn.Flatten())
+    assert first == second
+    assert first["sc_encoding"] == pytest.approx(
+        silhouette(F.normalize(test_x[subset]), labels)[0])
+    assert first["sc_encoding"] != pytest.approx(silhouette(F.normalize(test_x),
+                                                            torch.tensor(test.targets))[0])
 
 
 @pytest.mark.parametrize("nb_knn, k", [([5, 15, 25], 15), ([20], 20), ([100, 10], 10)])
@@ -109,5 +154,8 @@ def test_monitor_on_an_image_folder_is_deterministic(image_folder, tmp_path):
     encoder.train()
     first, second = probe.evaluate(encoder), probe.evaluate(encoder)
     assert first == second and encoder.training
-    assert set(first) == {"knn5_euclid_top1", "wknn20_top1", "linear_top1"}
-    assert all(0.0 <= v <= 100.0 for v in first.values())
+    assert set(first) == {"knn5_euclid_top1", "wknn20_top1", "linear_top1", "sc_encoding",
+                          "ari_encoding"}
+    assert all(0.0 <= first[k] <= 100.0 for k in ("knn5_euclid_top1", "wknn20_top1",
+                                                  "linear_top1"))
+    assert -1 <= first["sc_encoding"] <= 1 and -1 <= first["ari_encoding"] <= 1

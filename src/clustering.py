@@ -1,0 +1,149 @@
+"""Clustering properties of features (SPEC §9): how well the ground-truth classes
+form clusters in the encoding H, the embedding Z and the projector's hidden layers.
+
+Every metric is scikit-learn's, on L2-normalised rows: the silhouette coefficient
+with the classes as clusters (cosine distance), k-means (k = number of classes)
+scored against the labels by ARI and NMI, and the weighted k-NN top-1 against a bank
+of training features of the same kind. The features come from the momentum branch,
+the one the paper analyses and the evaluations use.
+"""
+import contextlib
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from sklearn.cluster import KMeans
+from sklearn.manifold import TSNE
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_samples
+
+from src.engine import extract_features
+from src.errors import UsageError
+from src.knn import knn_classifier
+
+KNN_K = 20            # the one weighted k-NN figure kept: --nb_knn's value nearest 20
+KMEANS_N_INIT = 10    # k-means restarts: fixed, so that a seed gives one answer
+METRICS = ("silhouette_mean", "silhouette_std", "ari", "nmi", "knn_top1")
+
+
+def nearest_k(ks, target=KNN_K):
+    """The value of `ks` nearest `target` (the smaller one on a tie)."""
+    return min(ks, key=lambda k: (abs(k - target), k))
+
+
+def seeded_subset(n, size, seed):
+    """Sorted indices of a fixed random subset of `size` of range(n) (all of it when
+    size >= n): one seed picks the same samples for every feature and every run."""
+    if size >= n:
+        return torch.arange(n)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=generator)[:size].sort().values
+
+
+def as_numpy(values):
+    """A numpy copy of a tensor (floats as float32) or array-like, for scikit-learn."""
+    if not torch.is_tensor(values):
+        return np.asarray(values)
+    values = values.detach().cpu()
+    return (values.float() if values.is_floating_point() else values).numpy()
+
+
+def check_clusterable(labels):
+    """UsageError unless the silhouette is defined: 2 <= classes < samples."""
+    classes, samples = len(np.unique(as_numpy(labels))), len(labels)
+    if not 2 <= classes < samples:
+        raise UsageError(f"clustering metrics need at least 2 classes and more samples than "
+                         f"classes; the selected samples hold {samples} sample(s) of "
+                         f"{classes} class(es)")
+
+
+def silhouette(features, labels):
+    """(mean, std) of the silhouette with the classes as clusters, cosine distance:
+    the mean over samples, and the spread as the std of the per-class means."""
+    labels = as_numpy(labels)
+    per_sample = silhouette_samples(as_numpy(features), labels, metric="cosine")
+    class_means = [per_sample[labels == c].mean() for c in np.unique(labels)]
+    return float(per_sample.mean()), float(np.std(class_means))
+
+
+def kmeans_agreement(features, labels, seed=0, n_init=KMEANS_N_INIT):
+    """(ARI, NMI) against `labels` of k-means with k = the number of classes present."""
+    labels = as_numpy(labels)
+    kmeans = KMeans(n_clusters=len(np.unique(labels)), n_init=n_init, random_state=seed)
+    clusters = kmeans.fit_predict(as_numpy(features))
+    return (float(adjusted_rand_score(labels, clusters)),
+            float(normalized_mutual_info_score(labels, clusters)))
+
+
+def clustering_scores(features, labels, bank, bank_labels, *, k, temperature, num_classes,
+                      seed=0, n_init=KMEANS_N_INIT):
+    """The five METRICS of one kind of feature (rows L2-normalised); `knn_top1` is in
+    percent, with `bank` (training features of the same kind) as neighbours."""
+    sc_mean, sc_std = silhouette(features, labels)
+    ari, nmi = kmeans_agreement(features, labels, seed, n_init)
+    top1, _ = knn_classifier(bank, bank_labels, features, torch.as_tensor(labels), k,
+                             T=temperature, num_classes=num_classes)
+    return dict(zip(METRICS, (sc_mean, sc_std, ari, nmi, top1)))
+
+
+def tsne_2d(features, seed=0):
+    """2-D t-SNE of L2-normalised rows (PCA init, fixed seed), the paper's picture."""
+    perplexity = min(30.0, max(1.0, (features.shape[0] - 1) / 3))  # must stay below n
+    tsne = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed)
+    return tsne.fit_transform(as_numpy(features))
+
+
+def feature_names(projector):
+    """Names of the features of a momentum branch, from input to output: `encoding`,
+    one `projector_hiddenI` per hidden layer (after its ReLU), `embedding`."""
+    if projector is None:
+        return ["encoding"]
+    hidden = sum(isinstance(layer, nn.ReLU) for layer in projector)
+    return ["encoding", *(f"projector_hidden{i}" for i in range(1, hidden + 1)), "embedding"]
+
+
+@contextlib.contextmanager
+def eval_mode(*modules):
+    """Eval mode inside the block (batch norm on its running statistics, so a sample's
+    features do not depend on its batch); every submodule's own mode restored after."""
+    modules = [m for m in modules if m is not None]
+    modes = [(sub, sub.training) for m in modules for sub in m.modules()]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for sub, training in modes:
+            sub.training = training
+
+
+@torch.no_grad()
+def projector_features(projector, encodings, batch_size):
+    """{'projector_hidden1': ..., 'embedding': ...}: the L2-normalised output of each
+    hidden layer (after its ReLU) and of the last layer of `projector` (a Sequential),
+    run in eval mode over the raw `encodings` batch by batch."""
+    batches = []
+    with eval_mode(projector):
+        for x in encodings.split(batch_size):
+            outputs = []
+            for layer in projector:
+                x = layer(x)
+                if isinstance(layer, nn.ReLU):
+                    outputs.append(F.normalize(x, dim=1))
+            batches.append(outputs + [F.normalize(x, dim=1)])
+    return {name: torch.cat(parts) for name, parts in zip(feature_names(projector)[1:],
+                                                           zip(*batches))}
+
+
+def branch_features(encoder, projector, dataset, batch_size, workers, device, desc="features"):
+    """({name: L2-normalised features}, labels) of every sample of `dataset`, in its
+    order, on every rank. The encoder runs over the images (sharded over processes and
+    gathered, see `extract_features`); the projector (None: encoding only) then runs
+    over the gathered encodings, so the images are read once."""
+    with eval_mode(encoder, projector):
+        encodings, labels = extract_features(encoder, dataset, batch_size, workers, device,
+                                             desc=desc)
+        features = {"encoding": F.normalize(encodings, dim=1)}
+        if projector is not None:
+            features.update(projector_features(projector, encodings, batch_size))
+    return features, labels
