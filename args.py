@@ -66,6 +66,21 @@ FLAGS = [
         "(default: fp16 for main.py on CUDA, the authors' choice; fp32 for the CIFAR "
         "recipe, for eval_linear.py and eval_knn.py, and on CPU)")),
 
+    ("speed", MAIN | LINEAR, ("--channels_last",), dict(
+        type=str2bool, default=None,
+        help="channels_last memory format for the networks and their inputs, True or False; "
+        "numerics equal up to float rounding (default: True on CUDA, False on CPU)")),
+    ("speed", MAIN | LINEAR, ("--fused",), dict(
+        type=str2bool, default=None,
+        help="fused optimizer step: one kernel for all parameters and, with fp16 loss "
+        "scaling, no host synchronisation; True or False (default: True on CUDA, False on "
+        "CPU)")),
+    ("speed", MAIN, ("--compile",), dict(
+        type=str, nargs="?", const="inductor", default=None, metavar="BACKEND",
+        help="torch.compile every network (encoder, projector, predictor and the momentum "
+        "copies) with BACKEND (inductor if none is named; aot_eager compiles fast, for "
+        "checks); off unless given")),
+
     ("data", ALL, ("--dataset",), dict(
         type=str, default="imagenet", choices=DATASETS,
         help="imagenet = any ImageFolder with train/ (and val/) under --data_path; "
@@ -256,9 +271,13 @@ def resolve_defaults(args):
         args.wd = 1e-4 if cifar else 1e-5
     if args.pred is None:
         args.pred = not cifar  # resa_cifar has no predictor (SPEC §7)
+    cuda = torch.cuda.is_available()
     if args.precision is None:
-        cuda = torch.cuda.is_available()
         args.precision = "fp16" if args.script == "main" and cuda and not cifar else "fp32"
+    if args.channels_last is None:
+        args.channels_last = cuda
+    if args.fused is None:
+        args.fused = cuda
     if args.crops_size is None:
         args.crops_size = [info.crop_size]
     if args.num_classes is None:

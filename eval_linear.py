@@ -16,15 +16,15 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, MultiStepLR
 
 from args import get_args
 from src.data import dataset_info
-from src.distributed import (all_reduce_sum, distribute, is_main_process, main_process_first,
-                             run_distributed)
+from src.distributed import (all_reduce_sum, is_main_process, main_process_first,
+                             run_distributed, wrap_ddp)
 from src.engine import progress
 from src.errors import UsageError, exit_on_usage_error
 from src.eval_data import eval_datasets
 from src.loader import eval_loader, train_loader
 from src.logger import ScalarWriter, save_results
 from src.metrics import percent, topk_correct
-from src.models import build_encoder
+from src.models import build_encoder, input_format, speed_up
 from src.optim import AmpOptimizer
 from src.pretrained import broadcast_from_rank0, load_pretrained_encoder
 from src.runtime import start_run
@@ -75,7 +75,8 @@ def build_optimizer(model, args):
     if not model.frozen:
         groups.append({"params": list(model.encoder.parameters()),
                        "lr": lr(args.lr_encoder), "name": "encoder"})
-    optimizer = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.9, weight_decay=0)
+    optimizer = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.9, weight_decay=0,
+                                fused=args.fused or None)
     if args.scheduler == "step":
         scheduler = MultiStepLR(optimizer, milestones=list(STEP_MILESTONES), gamma=0.1)
     else:
@@ -107,7 +108,8 @@ def validate(model, dataset, args, amp):
     loader = eval_loader(dataset, args.batch_size, args.workers)
     for _, images, target in progress(loader, len(loader), "val"):
         with amp.autocast():
-            logits = model(images.to(args.device, non_blocking=True))
+            logits = model(images.to(args.device, non_blocking=True,
+                                     memory_format=input_format(args.channels_last)))
         target = target.to(args.device, non_blocking=True)
         counts[:2] += topk_correct(logits.float(), target, (1, 5))
         counts[2] += target.shape[0]
@@ -161,19 +163,21 @@ def linear_eval(args):
     frozen = args.weights == "freeze"
     loaded = snapshot(encoder) if frozen else None
     model = Classifier(encoder, feature_dim, args.num_classes, frozen).to(args.device)
+    speed_up(model, args.channels_last)
+    memory_format = input_format(args.channels_last)
     optimizer, scheduler = build_optimizer(model, args)
     for group in optimizer.param_groups:
         log.info(f"{group['name']} lr {group['lr']:.6g} (batch-scaled), {args.scheduler} "
                  f"schedule")
     amp = AmpOptimizer(optimizer, args.device, args.precision)
-    model, trained = distribute(model, args)
+    trained = wrap_ddp(model, args)
     torch.backends.cudnn.benchmark = True
     # every training image is used each epoch, as the authors do (SPEC §5)
     loader = train_loader(train, args.batch_size, args.workers, args.seed, drop_last=False)
 
     def forward(batch):
         images, target = batch
-        logits = trained(images.to(args.device, non_blocking=True))
+        logits = trained(images.to(args.device, non_blocking=True, memory_format=memory_format))
         return F.cross_entropy(logits, target.to(args.device, non_blocking=True))
 
     def learning_rates(_iteration):

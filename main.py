@@ -14,11 +14,12 @@ from args import get_args
 from method import get_method
 from src.checkpoint import save_atomic
 from src.data import build_pretrain_dataset
-from src.distributed import distribute, is_main_process, main_process_first, run_distributed
+from src.distributed import (is_main_process, main_process_first, run_distributed,
+                             sync_batchnorm, wrap_ddp)
 from src.errors import NonFiniteLoss, UsageError, exit_on_usage_error
 from src.loader import check_batch_fits, train_loader
 from src.logger import ScalarWriter
-from src.models import pretraining_encoder
+from src.models import input_format, pretraining_encoder, speed_up
 from src.monitor import OnlineMonitor
 from src.optim import AmpOptimizer, build_optimizer
 from src.runtime import start_run
@@ -42,8 +43,14 @@ def pretrain(args):
 
     loader = train_loader(dataset, args.batch_size, args.workers, args.seed)
     model = get_method(args, *pretraining_encoder(args.arch, args.dataset)).to(args.device)
-    model, trained = distribute(model, args, sync_batchnorm=True)
+    model = speed_up(sync_batchnorm(model, args), args.channels_last, args.compile)
+    trained = wrap_ddp(model, args)
     torch.backends.cudnn.benchmark = True
+    memory_format = input_format(args.channels_last)
+    log.info(f"networks: {args.arch}, batch norm synchronised across processes "
+             f"{any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())}, "
+             f"channels_last {args.channels_last}, fused optimizer {args.fused}, "
+             f"compile {args.compile}")
     lr = scaled_lr(args.lr, args.batch_size, args.world_size)
     amp = AmpOptimizer(build_optimizer(model, lr, args), args.device, args.precision)
     lrs, momentums = lr_schedule(args, lr, len(loader)), momentum_schedule(args, len(loader))
@@ -55,7 +62,11 @@ def pretrain(args):
         model.momentum = momentum_now
         return {"lr": lr_now, "ema_momentum": momentum_now}
 
-    loop = TrainLoop(loader, trained, amp, epochs=args.epochs, device=args.device,
+    def forward(views):
+        return trained([x.to(args.device, non_blocking=True, memory_format=memory_format)
+                        for x in views])
+
+    loop = TrainLoop(loader, forward, amp, epochs=args.epochs, device=args.device,
                      save=lambda position: run.save(position, model, amp, {}),
                      before_step=before_step, checkpoint_minutes=args.checkpoint_minutes,
                      checkpoint_iters=args.checkpoint_iters, log_every=args.log_every)

@@ -80,16 +80,21 @@ def init_distributed(args):
     return args
 
 
-def distribute(model, args, sync_batchnorm=False):
-    """(model, trained): `trained` wraps `model` in DistributedDataParallel when the run
-    has several processes. With `sync_batchnorm` on CUDA, batch norm is first converted
-    to SyncBatchNorm, so `model` may be a new module: build the optimizer from it."""
+def sync_batchnorm(model, args):
+    """Batch norm across the GPUs of the run (SyncBatchNorm), as the authors pretrain;
+    the model itself on one process or on CPU. Build the optimizer from the result."""
+    if args.distributed and args.device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def wrap_ddp(model, args):
+    """`model` in DistributedDataParallel when the run has several processes; else
+    `model` itself. The wrapper trains; checkpoints read the model."""
     if not args.distributed:
-        return model, model
+        return model
     cuda = args.device.type == "cuda"
-    if sync_batchnorm and cuda:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model, torch.nn.parallel.DistributedDataParallel(
+    return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[args.device] if cuda else None)
 
 

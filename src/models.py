@@ -3,6 +3,7 @@
 Parameter names are torchvision's (`conv1`, `bn1`, `layer1.0.conv1`, ...), so encoder
 weights move between this project, the authors' releases and torchvision unchanged.
 """
+import torch
 import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -87,6 +88,22 @@ def pretraining_encoder(arch, dataset):
     datasets, which the authors' CIFAR code trains without."""
     zero_init = not (arch == "resnet18" and dataset in PLAIN_INIT_RESNET18)
     return build_encoder(arch, dataset_info(dataset).small_images, zero_init)
+
+
+def speed_up(model, channels_last=False, compile_backend=None):
+    """channels_last memory format for `model` and, with `compile_backend`, each of its
+    children compiled in place (so state-dict keys stay the authors')."""
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if compile_backend:
+        for child in model.children():
+            child.compile(backend=compile_backend)
+    return model
+
+
+def input_format(channels_last):
+    """The memory format that images must have for a model prepared by `speed_up`."""
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def build_projector(in_dim, mlp_layers, mlp_dim, emb):

@@ -123,10 +123,14 @@ class RunCheckpoint:
         source = checkpoint["source"]
         load_model_state(model, strip_prefix(checkpoint["state_dict"], "module."), source)
         if "optimizer" in checkpoint:
+            kernels = [{k: g.get(k) for k in ("fused", "foreach")}
+                       for g in amp.optimizer.param_groups]
             try:
                 amp.optimizer.load_state_dict(checkpoint["optimizer"])
             except ValueError as err:
                 raise UsageError(f"{source} was written with other settings: {err}")
+            for group, kernel in zip(amp.optimizer.param_groups, kernels):
+                group.update(kernel)  # this run's --fused, not the saved run's
         if "scaler" in checkpoint and amp.scaler.is_enabled():
             amp.scaler.load_state_dict(checkpoint["scaler"])
         states = checkpoint.get("random_states", [])

@@ -22,6 +22,14 @@ from src.preemption import Preempted, StopSignals, requeue_slurm_job
 LOSS, STOP, REQUEUE, SAVE_DUE, BAD, READS = range(6)
 
 
+def reduce_step(loss, flags, device):
+    """The one all-reduce of a step: [loss, *flags] summed over processes, as host
+    floats. The `.tolist()` is the step's single host synchronisation."""
+    packed = torch.cat([loss.detach().double().reshape(1),
+                        torch.tensor(flags, dtype=torch.float64).to(device, non_blocking=True)])
+    return all_reduce_sum(packed).tolist()
+
+
 class DataHealth:
     """Unreadable images over all processes: each is logged once; a run where more than
     1% of the images read are unreadable stops (checked once 1,000 images were read,
@@ -160,17 +168,14 @@ class TrainLoop:
         return value, scalars
 
     def _exchange(self, loss, batch):
-        """The step's one all-reduce (and its one host synchronisation)."""
+        """Share the loss, the stop signals, rank 0's clock and the data counts."""
         stop, requeue = self.signals.flags()
         due = is_main_process() and (
             (self.checkpoint_seconds > 0
              and time.monotonic() - self.last_save >= self.checkpoint_seconds)
             or (self.checkpoint_iters > 0 and self.steps_since_save + 1 >= self.checkpoint_iters))
-        flags = torch.tensor([stop, requeue, float(due), len(batch.bad_files), batch.reads],
-                             dtype=torch.float64)
-        packed = torch.cat([loss.detach().double().reshape(1),
-                            flags.to(self.device, non_blocking=True)])
-        return all_reduce_sum(packed).tolist()
+        return reduce_step(loss, [stop, requeue, float(due), len(batch.bad_files), batch.reads],
+                           self.device)
 
     def _log(self, value, scalars, seconds, mean_seconds, bar):
         scalars = {**scalars, "loss": value,

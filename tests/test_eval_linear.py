@@ -156,7 +156,7 @@ def test_a_resumed_frozen_encoder_must_be_the_pretrained_one():
                                                 ("cos", {50: 0.5, 100: 0.0})])
 def test_learning_rate_scaling_and_schedules(scheduler, factors):
     args = SimpleNamespace(batch_size=64, world_size=2, lr_classifier=40.0, lr_encoder=2e-4,
-                           scheduler=scheduler, epochs=100)
+                           scheduler=scheduler, epochs=100, fused=False)
     encoder, dim = build_encoder("resnet18", small_images=True)
     model = Classifier(encoder, dim, 10, frozen=False)
     optimizer, schedule = build_optimizer(model, args)

@@ -177,8 +177,8 @@ def test_readme_flag_table_is_current():
     assert table.strip() and table.strip() in (REPO / "README.md").read_text()
 
 
-def test_quickstart_and_benchmark_tools_run(demo_path, tmp_path):
-    """The README's quick-start command end to end (1 epoch each), and the benchmark."""
+def test_quickstart_runs(demo_path, tmp_path):
+    """The README's quick-start command end to end (1 epoch each)."""
     result = subprocess.run(
         [sys.executable, "tools/quickstart.py", "--epochs", "1", "--linear_epochs", "1",
          "--workers", "0", "--data_path", demo_path, "--out", str(tmp_path / "qs")],
@@ -188,22 +188,17 @@ def test_quickstart_and_benchmark_tools_run(demo_path, tmp_path):
     table = lines[next(i for i, line in enumerate(lines) if line.startswith("encoder ")):]
     assert table[1].startswith("random init") and table[2].startswith("ReSA, 1 epochs")
     assert all(0 <= float(x) <= 100 for row in table[1:3] for x in row.split()[-3:])
-    bench = subprocess.run([sys.executable, "tools/benchmark.py", "--arch", "resnet18",
-                            "--dataset", "demo", "--batch_size", "4", "--steps", "1",
-                            "--warmup", "0"], cwd=REPO, capture_output=True, text=True,
-                           timeout=300)
-    assert bench.returncode == 0 and "images/s" in bench.stdout, bench.stderr[-2000:]
 
 
 def readme_commands():
     """(script, flags, processes) of every `torchrun ... SCRIPT.py ...` README line."""
     for line in (REPO / "README.md").read_text().splitlines():
         words = line.split()
-        if words[:1] == ["torchrun"]:
-            index = next(i for i, w in enumerate(words) if w.endswith(".py"))
+        index = next((i for i, w in enumerate(words) if w.endswith(".py")), None)
+        if words[:1] == ["torchrun"] and index is not None:
             launcher = dict(w.split("=") for w in words[1:index] if "=" in w)
             processes = int(launcher["--nproc_per_node"]) * int(launcher.get("--nnodes", 1))
-            yield words[index][:-3], words[index + 1:], processes
+            yield Path(words[index]).stem, words[index + 1:], processes
 
 
 def test_readme_quotes_the_authors_recipes():
@@ -211,8 +206,9 @@ def test_readme_quotes_the_authors_recipes():
     800 epochs; the linear probe uses --lr_classifier 10 after a batch-256 pretraining."""
     commands = list(readme_commands())
     assert len(commands) >= 10
+    from tools.clusters import OWN_FLAGS
     for script, flags, nproc in commands:
-        args = get_args(flags, script)  # every command parses
+        args = get_args(flags, script, OWN_FLAGS if script == "clusters" else ())  # parses
         if script == "main" and args.dataset == "imagenet":
             total = args.batch_size * nproc
             assert (args.warmup_epochs == 10) == (total == 1024), flags

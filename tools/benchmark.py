@@ -1,24 +1,147 @@
-"""Throughput of one ReSA training step (forward, EMA, backward, SGD) on synthetic
-views, without data loading: the figure to compare speed changes against.
+"""Throughput of the ReSA training step, side by side in one run: the authors'
+configuration (float16 autocast on CUDA / fp32 on CPU, NCHW, eager, per-tensor SGD)
+against each of this repository's options alone and together.
 
-    python tools/benchmark.py --arch resnet18 --dataset cifar10 --batch_size 64 --steps 5
+    python tools/benchmark.py --arch resnet50 --batch_size 256 --steps 30 --json bench.json
+    python tools/benchmark.py --arch resnet18 --dataset demo --batch_size 64 --steps 5 --configs authors fused bf16
 
-Uses the same model, optimizer and mixed precision as main.py (float16 autocast on
-CUDA, fp32 on CPU), in one process.
+Every step is main.py's: forward of every view, EMA, momentum forward, Sinkhorn,
+the one all-reduce of the packed step scalars (and its host synchronisation), backward
+and optimizer step. `synthetic` batches live on the device already (the step alone);
+`--loader` also feeds the step from the real data pipeline (JPEG files, decoding and
+augmentation in --workers processes), so that data stalls show. Prints a markdown
+table; `--json` writes the figures with the machine, versions and date.
 """
 import argparse
+import datetime
+import gc
+import json
+import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from args import get_args  # noqa: E402
 from method import get_method  # noqa: E402
-from src.data import dataset_info  # noqa: E402
+from src.data import build_pretrain_dataset, dataset_info  # noqa: E402
+from src.demo_data import make_image  # noqa: E402
+from src.loader import train_loader  # noqa: E402
+from src.models import input_format, speed_up  # noqa: E402
 from src.optim import AmpOptimizer, build_optimizer  # noqa: E402
+from src.train_loop import reduce_step  # noqa: E402
+
+# name: flags over the authors' configuration (main.py's flags, so every one is a user option)
+CONFIGS = {
+    "authors": [],
+    "channels_last": ["--channels_last", "True"],
+    "fused": ["--fused", "True"],
+    "bf16": ["--precision", "bf16"],
+    "compile": ["--compile"],
+    "ours": ["--channels_last", "True", "--fused", "True"],
+    "ours+compile": ["--channels_last", "True", "--fused", "True", "--compile"],
+    "ours+compile+bf16": ["--channels_last", "True", "--fused", "True", "--compile",
+                          "--precision", "bf16"],
+}
+OFF = ["--channels_last", "False", "--fused", "False"]  # the authors' defaults everywhere
+
+
+def build(bench, flags, device):
+    """(model, AmpOptimizer, args) of one configuration, from the same seeded init."""
+    args = get_args(["--arch", bench.arch, "--dataset", bench.dataset, *OFF, *flags,
+                     "--crops_size", str(bench.crop), "--crops_nmb", str(bench.views - 1)])
+    if "--compile" in flags:
+        args.compile = bench.compile_backend
+    torch.manual_seed(0)
+    model = speed_up(get_method(args).to(device).train(), args.channels_last, args.compile)
+    amp = AmpOptimizer(build_optimizer(model, 0.1, args), device, args.precision)
+    return model, amp, args
+
+
+def step(model, amp, views, device):
+    with amp.autocast():
+        loss = model(views)
+    reduce_step(loss, [0.0] * 5, device)  # TrainLoop's one all-reduce and host sync
+    amp.step(loss)
+
+
+def synthetic_batches(bench, args, device):
+    """The same device-resident views at every step."""
+    views = [torch.randn(bench.batch_size, 3, bench.crop, bench.crop, device=device)
+             .contiguous(memory_format=input_format(args.channels_last))
+             for _ in range(bench.views)]
+    while True:
+        yield views
+
+
+def loader_batches(bench, args, device, data_path):
+    """Views from the real pretraining pipeline over the JPEGs in `data_path`."""
+    args.data_path, args.dataset = str(data_path), "imagenet"
+    dataset = build_pretrain_dataset(args)
+    loader = train_loader(dataset, bench.batch_size, bench.workers, seed=0)
+    fmt = input_format(args.channels_last)
+    epoch = 0
+    while True:
+        loader.batch_sampler.set_epoch(epoch)
+        for batch in loader:
+            yield [x.to(device, non_blocking=True, memory_format=fmt) for x in batch.data]
+        epoch += 1
+
+
+def measure(bench, name, device, data_path=None):
+    """Samples/s, ms per step and peak device memory of configuration `name`."""
+    model, amp, args = build(bench, CONFIGS[name], device)
+    batches = (loader_batches(bench, args, device, data_path) if data_path
+               else synthetic_batches(bench, args, device))
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(bench.warmup):
+        step(model, amp, next(batches), device)
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(bench.steps):
+        step(model, amp, next(batches), device)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / bench.steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    del model, amp, batches
+    gc.collect()
+    torch._dynamo.reset()
+    if cuda:
+        torch.cuda.empty_cache()
+    return {"config": name, "input": "loader" if data_path else "synthetic",
+            "samples_per_s": bench.batch_size / seconds, "ms_per_step": 1000 * seconds,
+            "peak_memory_gib": peak}
+
+
+def write_jpegs(folder, count, size):
+    """A small ImageFolder of `count` generated JPEGs (the demo's shapes) of size x size."""
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        path = Path(folder) / "train" / f"c{i % 10}" / f"{i}.JPEG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make_image(i % 10, rng, size=size).save(path, quality=90)
+    return Path(folder)
+
+
+def table(results):
+    base = {r["input"]: r["samples_per_s"] for r in results if r["config"] == "authors"}
+    lines = ["| configuration | input | samples/s | vs authors | ms/step | peak memory |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        ratio = r["samples_per_s"] / base[r["input"]] if r["input"] in base else float("nan")
+        memory = f"{r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] is not None else "-"
+        lines.append(f"| {r['config']} | {r['input']} | {r['samples_per_s']:.1f} | "
+                     f"{ratio:.2f}x | {r['ms_per_step']:.1f} | {memory} |")
+    return lines
 
 
 def main():
@@ -26,40 +149,53 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet50", help="encoder (as main.py --arch)")
     parser.add_argument("--dataset", default="imagenet",
-                        help="sets the stem and the default crop (as main.py --dataset)")
-    parser.add_argument("--batch_size", type=int, default=64, help="images per step")
+                        help="sets the stem and blur (as main.py --dataset)")
+    parser.add_argument("--batch_size", type=int, default=64, help="samples per step")
     parser.add_argument("--crop", type=int, default=None,
                         help="view resolution (default: the dataset's crop)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--views", type=int, default=2, help="views per sample (weak + strong)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed steps first (compilation and cuDNN autotuning happen here)")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+                        metavar="NAME", help="configurations to measure: " + ", ".join(CONFIGS))
+    parser.add_argument("--compile_backend", default="inductor",
+                        help="torch.compile backend of the compile configurations")
+    parser.add_argument("--loader", nargs="*", default=None, metavar="NAME",
+                        help="also measure these configurations (default: authors and ours) "
+                        "fed by the real data pipeline")
+    parser.add_argument("--data_path", default=None,
+                        help="ImageFolder (train/) for --loader (default: generated JPEGs)")
+    parser.add_argument("--loader_images", type=int, default=2048,
+                        help="JPEGs to generate for --loader without --data_path")
+    parser.add_argument("--image_size", type=int, default=320,
+                        help="side of the generated JPEGs")
+    parser.add_argument("--workers", type=int, default=8, help="loader workers for --loader")
+    parser.add_argument("--json", default=None, help="write the results to this JSON file")
     bench = parser.parse_args()
-
-    args = get_args(["--arch", bench.arch, "--dataset", bench.dataset, "--data_path", "unused"])
+    bench.crop = bench.crop or dataset_info(bench.dataset).crop_size
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    crop = bench.crop or dataset_info(bench.dataset).crop_size
-    model = get_method(args).to(device).train()
-    amp = AmpOptimizer(build_optimizer(model, 0.1, args), device, args.precision)
-    views = [torch.randn(bench.batch_size, 3, crop, crop, device=device) for _ in range(2)]
+    torch.backends.cudnn.benchmark = True
 
-    def step():
-        with amp.autocast():
-            loss = model(views)
-        amp.step(loss)
-        return loss.item()  # one sync per step, as main.py
+    results = [measure(bench, name, device) for name in bench.configs]
+    if bench.loader is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            data = Path(bench.data_path) if bench.data_path else write_jpegs(
+                tmp, bench.loader_images, bench.image_size)
+            for name in bench.loader or ["authors", "ours"]:
+                results.append(measure(bench, name, device, data))
 
-    for _ in range(bench.warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(bench.steps):
-        step()
-    seconds = (time.perf_counter() - start) / bench.steps
-    memory = (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
-              if device.type == "cuda" else "")
-    print(f"{bench.arch} {crop}px batch {bench.batch_size} on {device} "
-          f"({torch.get_num_threads()} threads): {seconds:.3f} s/step, "
-          f"{bench.batch_size / seconds:.1f} images/s{memory}")
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
+    header = (f"{bench.arch}, {bench.views} views of {bench.crop} px, batch {bench.batch_size}, "
+              f"on {gpu or f'CPU ({torch.get_num_threads()} threads)'}, torch {torch.__version__}")
+    print(header)
+    print("\n".join(table(results)))
+    if bench.json:
+        report = {"date": datetime.date.today().isoformat(), "device": gpu or "cpu",
+                  "cpu": platform.processor() or platform.machine(),
+                  "torch": torch.__version__, "command": " ".join(sys.argv),
+                  "settings": vars(bench), "results": results}
+        Path(bench.json).write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
