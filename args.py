@@ -91,6 +91,11 @@ FLAGS = [
         type=str, default=None,
         help="dataset folder (required for imagenet; default: ./data for torchvision "
         "datasets and fashion_mnist, ./data/demo for demo)")),
+    ("data", MAIN, ("--data_backend",), dict(
+        type=str, default="pil", choices=("pil", "gpu"),
+        help="pil = the authors' pipeline, decoded and augmented with PIL in the loader "
+        "workers; gpu = workers only read the files, JPEGs are decoded in batches on the "
+        "GPU (nvjpeg) and the views made there with the same laws (on CPU it runs too)")),
     ("data", MAIN, ("--crops_nmb",), dict(
         type=int, nargs="+", default=[1],
         help="number of strong views per crop group, e.g. 1 or 1 6")),

@@ -1,16 +1,17 @@
 """Weighted k-NN evaluation of a pretrained encoder, as in DINO (SPEC §6).
 
 `python eval_knn.py ...` runs one process; under `torchrun` every process encodes a
-shard of the images, the feature banks are gathered by index on every process, and
-each process then votes for its share of the test images. `--use_cuda False` keeps
-the banks in CPU memory.
+shard of the images and keeps its shard of the training bank (1/W of it: ImageNet's
+ResNet-50 bank is 10.5 GB in all), the test features are gathered on every process,
+and each test chunk is searched against every shard, the per-shard top-k merged into
+the whole bank's. `--use_cuda False` keeps each shard in CPU memory.
 """
 import torch
 
 from args import get_args
 from src.data import dataset_info
 from src.distributed import is_main_process, run_distributed
-from src.engine import extract_features
+from src.engine import extract_features, extract_shard
 from src.errors import exit_on_usage_error
 from src.eval_data import eval_datasets
 from src.knn import knn_classifier, knn_eval
@@ -34,13 +35,16 @@ def evaluate(args):
     torch.backends.cudnn.benchmark = True
 
     bank_device = args.device if args.use_cuda else torch.device("cpu")
-    banks = [extract_features(encoder, dataset, args.batch_size, args.workers, args.device,
-                              bank_device=bank_device, normalize=True, desc=f"{name} features")
-             for name, dataset in (("train", train), ("val", val))]
-    log.info(f"features ready: train {tuple(banks[0][0].shape)}, val "
-             f"{tuple(banks[1][0].shape)} on {bank_device}")
-    results = knn_eval(*banks[0], *banks[1], args.nb_knn, args.knn_temperature,
-                       args.num_classes, args.device)
+    features = dict(normalize=True, bank_device=bank_device)
+    bank, bank_labels, bank_index = extract_shard(encoder, train, args.batch_size, args.workers,
+                                                  args.device, desc="train features", **features)
+    test, test_labels = extract_features(encoder, val, args.batch_size, args.workers,
+                                         args.device, desc="val features", **features)
+    log.info(f"features ready on {bank_device}: this process's shard of the train bank "
+             f"{tuple(bank.shape)} ({bank.numel() * bank.element_size() / 2**20:.1f} MiB) of "
+             f"{len(train)} rows, val {tuple(test.shape)}")
+    results = knn_eval(bank, bank_labels, test, test_labels, args.nb_knn, args.knn_temperature,
+                       args.num_classes, train_index=bank_index, bank_size=len(train))
     for k, (top1, top5) in results.items():
         log.info(f"{k}-NN (T={args.knn_temperature}): top-1 {top1:.2f} top-5 {top5:.2f}")
     if is_main_process():

@@ -9,6 +9,7 @@ import os
 import sys
 
 import torch
+from torch.utils.data import default_collate
 
 from args import get_args
 from method import get_method
@@ -17,6 +18,7 @@ from src.data import build_pretrain_dataset
 from src.distributed import (is_main_process, main_process_first, run_distributed,
                              sync_batchnorm, wrap_ddp)
 from src.errors import NonFiniteLoss, UsageError, exit_on_usage_error
+from src.gpu_data import GpuViews, build_encoded_dataset, collate_encoded
 from src.loader import check_batch_fits, train_loader
 from src.logger import ScalarWriter
 from src.models import input_format, pretraining_encoder, speed_up
@@ -34,14 +36,17 @@ def pretrain(args):
     if args.warmup_epochs > args.epochs:
         raise UsageError(f"--warmup_epochs {args.warmup_epochs} exceeds --epochs {args.epochs}")
     # the data is checked before anything is written to --dump_path
-    dataset = main_process_first(lambda: build_pretrain_dataset(args))
+    gpu_backend = args.data_backend == "gpu"
+    build = build_encoded_dataset if gpu_backend else build_pretrain_dataset
+    dataset = main_process_first(lambda: build(args))
     check_batch_fits(len(dataset), args.batch_size)
     monitored = args.eval_every > 0 and args.dataset != "imagenet"
     monitor = OnlineMonitor(args) if monitored else None
     log, run, checkpoint = start_run(args, CHECKPOINT, required=("epoch",))
     log.info(f"{len(dataset)} training images")
 
-    loader = train_loader(dataset, args.batch_size, args.workers, args.seed)
+    loader = train_loader(dataset, args.batch_size, args.workers, args.seed,
+                          collate=collate_encoded if gpu_backend else default_collate)
     model = get_method(args, *pretraining_encoder(args.arch, args.dataset)).to(args.device)
     model = speed_up(sync_batchnorm(model, args), args.channels_last, args.compile)
     trained = wrap_ddp(model, args)
@@ -62,9 +67,13 @@ def pretrain(args):
         model.momentum = momentum_now
         return {"lr": lr_now, "ema_momentum": momentum_now}
 
-    def forward(views):
+    gpu_views = GpuViews(args, args.device, memory_format) if gpu_backend else None
+
+    def forward(data):
+        if gpu_views:  # decode and augment on the device
+            return trained(gpu_views(data))
         return trained([x.to(args.device, non_blocking=True, memory_format=memory_format)
-                        for x in views])
+                        for x in data])
 
     loop = TrainLoop(loader, forward, amp, epochs=args.epochs, device=args.device,
                      save=lambda position: run.save(position, model, amp, {}),

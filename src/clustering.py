@@ -13,9 +13,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from sklearn.cluster import KMeans
-from sklearn.manifold import TSNE
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_samples
 
 from src.engine import extract_features
 from src.errors import UsageError
@@ -57,9 +54,13 @@ def check_clusterable(labels):
                          f"{classes} class(es)")
 
 
+# scikit-learn is imported where it is used: it would add a second to the start of
+# every script that imports the online monitor.
+
 def silhouette(features, labels):
     """(mean, std) of the silhouette with the classes as clusters, cosine distance:
     the mean over samples, and the spread as the std of the per-class means."""
+    from sklearn.metrics import silhouette_samples
     labels = as_numpy(labels)
     per_sample = silhouette_samples(as_numpy(features), labels, metric="cosine")
     class_means = [per_sample[labels == c].mean() for c in np.unique(labels)]
@@ -68,6 +69,8 @@ def silhouette(features, labels):
 
 def kmeans_agreement(features, labels, seed=0, n_init=KMEANS_N_INIT):
     """(ARI, NMI) against `labels` of k-means with k = the number of classes present."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
     labels = as_numpy(labels)
     kmeans = KMeans(n_clusters=len(np.unique(labels)), n_init=n_init, random_state=seed)
     clusters = kmeans.fit_predict(as_numpy(features))
@@ -88,6 +91,7 @@ def clustering_scores(features, labels, bank, bank_labels, *, k, temperature, nu
 
 def tsne_2d(features, seed=0):
     """2-D t-SNE of L2-normalised rows (PCA init, fixed seed), the paper's picture."""
+    from sklearn.manifold import TSNE
     perplexity = min(30.0, max(1.0, (features.shape[0] - 1) / 3))  # must stay below n
     tsne = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed)
     return tsne.fit_transform(as_numpy(features))

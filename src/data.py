@@ -311,10 +311,15 @@ def _first(dataset, n):
     return Subset(dataset, range(min(n, len(dataset))))
 
 
+def pretrain_images(args, transform=None):
+    """The training (image, label) items of `args.dataset` (the first --size_dataset),
+    with `transform`; without one, the GPU data backend reads them (src/gpu_data.py)."""
+    return _first(_load(args, 'pretrain', transform), args.size_dataset)
+
+
 def build_pretrain_dataset(args):
     """Training images of `args.dataset`; each item is the list of V view tensors."""
-    transform = MultiCropTransform(args, dataset_info(args.dataset))
-    return ViewsOnly(_first(_load(args, 'pretrain', transform), args.size_dataset))
+    return ViewsOnly(pretrain_images(args, MultiCropTransform(args, dataset_info(args.dataset))))
 
 
 def build_eval_dataset(args, split, kind):

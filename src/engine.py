@@ -55,6 +55,28 @@ def extract_features(encoder, dataset, batch_size, workers, device, bank_device=
     return bank, labels
 
 
+@torch.no_grad()
+def extract_shard(encoder, dataset, batch_size, workers, device, bank_device=None,
+                  normalize=False, desc="features"):
+    """(features, labels, indices) of this process's share of `dataset` (samples
+    rank, rank+W, ...), on `bank_device`: nothing is gathered, each process keeps 1/W."""
+    bank_device = bank_device or device
+    features, labels, indices = [], [], []
+    was_training = encoder.training
+    encoder.eval()
+    loader = eval_loader(dataset, batch_size, workers)
+    for index, images, target in progress(loader, len(loader), desc):
+        feats = encoder(images.to(device, non_blocking=True)).float()
+        features.append((F.normalize(feats, dim=1) if normalize else feats).to(bank_device))
+        labels.append(torch.as_tensor(target).to(bank_device))
+        indices.append(index.to(bank_device))
+    encoder.train(was_training)
+    if not features:
+        return (torch.zeros(0, 0, device=bank_device),
+                *(torch.zeros(0, dtype=torch.long, device=bank_device) for _ in range(2)))
+    return torch.cat(features), torch.cat(labels), torch.cat(indices)
+
+
 def dataset_shape(dataset):
     """Shape of one image of `dataset` (for the empty batch of a finished shard)."""
     return tuple(dataset[0][0].shape)

@@ -1,10 +1,11 @@
 """k-nearest-neighbour classification of feature banks, shared by eval_knn.py and the
 online monitor: DINO's weighted cosine k-NN (SPEC §6) and the authors' Euclidean
 majority-vote 5-NN (SPEC §7). Similarities are computed chunk by chunk, so memory
-stays bounded whatever the bank size."""
+stays bounded whatever the bank size; a bank can also be sharded over processes, each
+holding 1/W of it, with the same neighbours as one process holding it all."""
 import torch
 
-from src.distributed import all_reduce_sum, get_rank, get_world_size
+from src.distributed import gather, get_world_size
 from src.metrics import percent
 
 MAX_SIMILARITIES = 2 ** 27  # entries of one test-chunk x bank similarity block (512 MB)
@@ -16,20 +17,81 @@ def chunk_rows(bank_size):
     return max(1, min(1000, MAX_SIMILARITIES // max(bank_size, 1)))
 
 
+def similarity_order(sims, index, k):
+    """Per row, the positions of the first k candidates ordered by similarity, then by
+    bank index: ties go to the smaller index, so the result depends neither on how the
+    bank is split nor on topk's order among equal values."""
+    by_index = index.argsort(dim=1)
+    by_sims = torch.sort(sims.gather(1, by_index), dim=1, descending=True, stable=True)
+    return by_index.gather(1, by_sims.indices[:, :k])
+
+
+def top_k(sims, k):
+    """(similarities, columns) of the k largest entries of each row, ordered as
+    `similarity_order`; ties at the k-th value are resolved towards smaller columns."""
+    values, columns = sims.topk(k, dim=1)
+    kth = values[:, -1:]
+    excess = (sims == kth).sum(1) > (values == kth).sum(1)  # equals that topk left out
+    if excess.any():
+        rows = excess.nonzero().squeeze(1)
+        block, cut = sims[rows], kth[rows]
+        equal = block == cut
+        need = k - (block > cut).sum(1, keepdim=True)
+        take = (block > cut) | (equal & (equal.cumsum(1) <= need))
+        columns[rows] = take.nonzero()[:, 1].view(len(rows), k)
+        values[rows] = block.gather(1, columns[rows])
+    order = similarity_order(values, columns, k)
+    return values.gather(1, order), columns.gather(1, order)
+
+
 @torch.no_grad()
-def nearest_neighbors(train_features, test_features, k):
-    """Cosine similarities and indices of the k nearest training rows of every test
-    row, most similar first (rows must be L2-normalised); computed chunk by chunk."""
-    k = min(k, train_features.shape[0])
-    rows = chunk_rows(train_features.shape[0])
-    sims = [torch.zeros(0, k, device=train_features.device)]
-    index = [torch.zeros(0, k, dtype=torch.long, device=train_features.device)]
-    for start in range(0, test_features.shape[0], rows):
-        chunk = test_features[start:start + rows].to(train_features.device)
-        top = (chunk @ train_features.T).topk(k, dim=1)
-        sims.append(top.values)
-        index.append(top.indices)
-    return torch.cat(sims), torch.cat(index)
+def nearest_neighbors(bank, bank_labels, queries, k, bank_index=None, bank_size=None):
+    """(similarities, labels, bank indices) of the k nearest bank rows of every query
+    row, most similar first, ties to the smaller index (rows L2-normalised).
+
+    With `bank_index`, `bank` is this process's shard of a bank of `bank_size` rows
+    (its rows `bank_index`, ascending): every process searches every query against its
+    shard and the per-shard top-k are merged over processes into the top-k of the whole
+    bank (a collective per chunk), exactly what one process holding all of it finds.
+    """
+    sharded = bank_index is not None
+    bank_size = bank_size or len(bank)
+    if not sharded:
+        bank_index = torch.arange(len(bank), device=bank.device)
+    k = min(k, bank_size)
+    parts = [(torch.zeros(0, k, device=bank.device),
+              torch.zeros(0, k, dtype=torch.long, device=bank.device),
+              torch.zeros(0, k, dtype=torch.long, device=bank.device))]
+    for chunk in queries.split(chunk_rows(bank_size)):  # the same chunks on every process
+        if len(bank):
+            sims, columns = top_k(chunk.to(bank.device) @ bank.T, min(k, len(bank)))
+        else:  # an empty shard (more processes than bank rows)
+            sims = torch.zeros(len(chunk), 0, device=bank.device)
+            columns = torch.zeros(len(chunk), 0, dtype=torch.long, device=bank.device)
+        found = (sims, bank_labels[columns], bank_index[columns])
+        parts.append(merge_shards(*found, k) if sharded else found)
+    return tuple(torch.cat(column) for column in zip(*parts))
+
+
+def merge_shards(sims, labels, index, k):
+    """The top-k over processes of each row's per-shard top-k (a collective). A shard
+    of fewer than k rows is padded with -inf, which the k best of the others outrank."""
+    missing = k - sims.shape[1]
+    if missing:
+        sims = torch.cat([sims, sims.new_full((len(sims), missing), -float("inf"))], 1)
+        pad = index.new_full((len(index), missing), torch.iinfo(torch.long).max)
+        index, labels = torch.cat([index, pad], 1), torch.cat([labels, pad], 1)
+    sims, labels, index = (side_by_side(t) for t in (sims, labels, index))
+    order = similarity_order(sims, index, k)
+    return sims.gather(1, order), labels.gather(1, order), index.gather(1, order)
+
+
+def side_by_side(tensor):
+    """The (rows x c) tensors of every process as one (rows x W·c), rank by rank."""
+    world_size = get_world_size()
+    rows, columns = tensor.shape
+    return gather(tensor).view(world_size, rows, columns).permute(1, 0, 2).reshape(
+        rows, world_size * columns)
 
 
 @torch.no_grad()
@@ -51,24 +113,21 @@ def knn_correct(similarities, neighbor_labels, test_labels, T, num_classes):
 def knn_classifier(train_features, train_labels, test_features, test_labels, k, T=0.07,
                    num_classes=1000):
     """DINO's weighted k-NN on L2-normalised rows; returns (top-1, top-5) in percent."""
-    sims, index = nearest_neighbors(train_features, test_features, k)
-    counts = knn_correct(sims, train_labels[index], test_labels, T, num_classes)
-    total = test_labels.shape[0]
-    return percent(counts[0], total), percent(counts[1], total)
+    return knn_eval(train_features, train_labels, test_features, test_labels, [k], T,
+                    num_classes)[k]
 
 
 def knn_eval(train_features, train_labels, test_features, test_labels, ks, T, num_classes,
-             device):
-    """{k: (top-1, top-5)} over all processes: each votes for the test rows rank::W and
-    the hit counts are summed; the neighbours are searched once for the largest k."""
-    mine = slice(get_rank(), None, get_world_size())
-    sims, index = nearest_neighbors(train_features, test_features[mine], max(ks))
-    neighbor_labels, own_labels = train_labels[index], test_labels[mine]
+             train_index=None, bank_size=None):
+    """{k: (top-1, top-5) in percent} for every k in `ks`, the neighbours searched once
+    for the largest. With `train_index` the bank is this process's shard (see
+    `nearest_neighbors`); every process then gets the whole bank's results."""
+    sims, labels, _ = nearest_neighbors(train_features, train_labels, test_features, max(ks),
+                                        train_index, bank_size)
+    total = test_labels.shape[0]
     results = {}
     for k in ks:
-        counts = knn_correct(sims[:, :k], neighbor_labels[:, :k], own_labels, T, num_classes)
-        counts = all_reduce_sum(counts.to(device))
-        total = test_labels.shape[0]
+        counts = knn_correct(sims[:, :k], labels[:, :k], test_labels, T, num_classes)
         results[k] = (percent(counts[0], total), percent(counts[1], total))
     return results
 

@@ -6,6 +6,7 @@ src/seeding.py). So what a step sees depends only on (seed, epoch, iteration): n
 the number of loader workers, nor on where a run was resumed, nor, for a fixed total
 batch, on the number of processes.
 """
+import functools
 import signal
 import warnings
 from collections import namedtuple
@@ -99,8 +100,9 @@ class SeededSamples(Dataset):
         return None, bad
 
 
-def collate_samples(items):
-    """Batch(data, bad_files, reads); `reads` counts every file opened.
+def collate_samples(items, collate=default_collate):
+    """Batch(data, bad_files, reads); `data` is `collate` of the items, `reads` counts
+    every file opened.
 
     A sample that found no readable substitute takes a copy of a readable sample of
     the same batch (still a function of the batch alone); `data` is None only when no
@@ -111,7 +113,7 @@ def collate_samples(items):
     readable = [item for item in data if item is not None]
     filled = [item if item is not None else readable[i % len(readable)]
               for i, item in enumerate(data)] if readable else None
-    return Batch(default_collate(filled) if filled else None, bad, len(items) + len(bad))
+    return Batch(collate(filled) if filled else None, bad, len(items) + len(bad))
 
 
 def quiet_worker(_worker_id):
@@ -129,7 +131,7 @@ def check_batch_fits(size, batch_size):
                          f"than the {size} training samples")
 
 
-def train_loader(dataset, batch_size, workers, seed, drop_last=True):
+def train_loader(dataset, batch_size, workers, seed, drop_last=True, collate=default_collate):
     """Loader of Batch tuples over `dataset`; see GlobalBatchSampler and SeededSamples.
     Call `loader.batch_sampler.set_epoch(e)` (and `start_at(i)` to resume) before
     iterating."""
@@ -137,7 +139,8 @@ def train_loader(dataset, batch_size, workers, seed, drop_last=True):
     with warnings.catch_warnings():  # more workers than cores: start_run logs it instead
         warnings.filterwarnings("ignore", "This DataLoader will create")
         return DataLoader(SeededSamples(dataset, seed), batch_sampler=sampler,
-                          num_workers=workers, collate_fn=collate_samples,
+                          num_workers=workers,
+                          collate_fn=functools.partial(collate_samples, collate=collate),
                           pin_memory=torch.cuda.is_available(), worker_init_fn=quiet_worker,
                           persistent_workers=workers > 0)
 

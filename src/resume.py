@@ -83,6 +83,9 @@ def check_flags(saved, args, script, path):
     if saved.get("epochs") != args.epochs:
         log.warning(f"--epochs {saved.get('epochs')} -> {args.epochs}: the learning-rate "
                     f"and EMA schedules were recomputed for the new length")
+    if saved.get("data_backend", args.data_backend) != args.data_backend:
+        log.warning(f"--data_backend {saved['data_backend']} -> {args.data_backend}: the "
+                    f"augmentations go on with another random stream")
     if saved.get("precision", args.precision) != args.precision:
         log.warning(f"--precision {saved['precision']} -> {args.precision}: the continuation "
                     f"is not bit-exact")

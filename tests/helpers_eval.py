@@ -106,8 +106,7 @@ def extraction_worker(rank, world_size, init_file, out_dir, dataset, batch_size,
         encoder = small_encoder().train()
         bank, labels = extract_features(encoder, dataset, batch_size, 0, torch.device("cpu"),
                                         normalize=True)
-        results = knn_eval(bank, labels, bank, labels, ks, 0.07, len(dataset.classes),
-                           torch.device("cpu"))
+        results = knn_eval(bank, labels, bank, labels, ks, 0.07, len(dataset.classes))
         torch.save({"bank": bank, "labels": labels, "knn": results,
                     "training": encoder.training}, Path(out_dir) / f"rank{rank}.pt")
     finally:

@@ -95,8 +95,7 @@ def test_chunked_search_matches_brute_force(monkeypatch):
     test_labels = torch.randint(0, 7, (50,), generator=generator)
     monkeypatch.setattr(knn, "MAX_SIMILARITIES", 900)  # 3 test rows per chunk
     assert knn.chunk_rows(300) == 3
-    both = knn_eval(train, train_labels, test, test_labels, [1, 20], 0.1, 7,
-                    torch.device("cpu"))
+    both = knn_eval(train, train_labels, test, test_labels, [1, 20], 0.1, 7)
     for k in (1, 20):
         expected = brute_force(train, train_labels, test, test_labels, k, 0.1, 7)
         got = knn_classifier(train, train_labels, test, test_labels, k, T=0.1, num_classes=7)
@@ -129,6 +128,61 @@ def test_two_gloo_processes_extract_the_same_bank_as_one(tmp_path):
         assert torch.allclose(out["bank"], bank, atol=1e-6)
         assert out["knn"] == {k: pytest.approx(v) for k, v in single.items()}
         assert out["training"]
+
+
+def tied_bank(seed=0):
+    """Integer-valued features (dot products exact in any summation order) with many
+    exactly tied similarities: every row appears twice, with two different labels."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randint(-2, 3, (20, 6), generator=generator).float()
+    bank = torch.cat([rows, rows, torch.randint(-2, 3, (7, 6), generator=generator).float()])
+    labels = torch.randint(0, 5, (len(bank),), generator=generator)
+    queries = torch.cat([rows[:6], torch.randint(-2, 3, (9, 6), generator=generator).float()])
+    return bank, labels, queries, torch.randint(0, 5, (len(queries),), generator=generator)
+
+
+def test_ties_go_to_the_smaller_bank_index():
+    bank, labels, queries, _ = tied_bank()
+    sims, _, index = knn.nearest_neighbors(bank, labels, queries, 10)
+    full = queries @ bank.T
+    for row in range(len(queries)):
+        expected = sorted(range(len(bank)), key=lambda j: (-full[row, j].item(), j))[:10]
+        assert index[row].tolist() == expected
+        assert sims[row].tolist() == full[row, expected].tolist()
+
+
+def test_two_gloo_processes_with_a_sharded_bank_equal_one(tmp_path):
+    """Each process holds half of the bank: the merged neighbours (ties included) and
+    the accuracies for several k are those of one process holding all of it."""
+    bank, labels, queries, query_labels = tied_bank()
+    ks = [1, 3, 10, 25, 60]  # 60 > the 47 bank rows: every row votes
+    mp.spawn(sharded_worker, nprocs=2, join=True,
+             args=(str(tmp_path / "pg"), str(tmp_path), bank, labels, queries, query_labels, ks))
+    sims, neighbor_labels, index = knn.nearest_neighbors(bank, labels, queries, max(ks))
+    single = knn_eval(bank, labels, queries, query_labels, ks, 0.5, 5)
+    for rank in range(2):
+        out = torch.load(tmp_path / f"shard{rank}.pt")
+        assert out["rows"] == len(bank[rank::2])  # the memory per process halves
+        assert torch.equal(out["index"], index) and torch.equal(out["sims"], sims)
+        assert torch.equal(out["labels"], neighbor_labels)
+        assert out["knn"] == single
+
+
+def sharded_worker(rank, init_file, out_dir, bank, labels, queries, query_labels, ks):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        shard_index = torch.arange(rank, len(bank), 2)
+        shard, shard_labels = bank[shard_index], labels[shard_index]
+        sims, neighbor_labels, index = knn.nearest_neighbors(
+            shard, shard_labels, queries, max(ks), shard_index, len(bank))
+        results = knn_eval(shard, shard_labels, queries, query_labels, ks, 0.5, 5,
+                           train_index=shard_index, bank_size=len(bank))
+        torch.save({"sims": sims, "labels": neighbor_labels, "index": index, "knn": results,
+                    "rows": len(shard)}, f"{out_dir}/shard{rank}.pt")
+    finally:
+        dist.destroy_process_group()
 
 
 def summary(result):

@@ -136,13 +136,17 @@ def test_benchmark_compares_configurations_in_one_run(tmp_path):
     result = subprocess.run(
         [sys.executable, "tools/benchmark.py", "--arch", "resnet18", "--dataset", "demo",
          "--batch_size", "4", "--steps", "1", "--warmup", "0", "--configs", "authors",
-         "fused", "--loader", "authors", "--loader_images", "12", "--image_size", "40",
+         "fused", "--loader", "authors", "--gpu_loader", "authors", "--pipeline",
+         "--pipeline_steps", "1", "--loader_images", "12", "--image_size", "40",
          "--workers", "0", "--json", str(tmp_path / "bench.json")],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "bench.json").read_text())
     rows = [(r["config"], r["input"]) for r in report["results"]]
-    assert rows == [("authors", "synthetic"), ("fused", "synthetic"), ("authors", "loader")]
+    assert rows == [("authors", "synthetic"), ("fused", "synthetic"),
+                    ("pil pipeline, 0 workers", "pipeline"), ("pil pipeline, 0 workers", "pipeline"),
+                    ("gpu pipeline, 0 workers", "pipeline"), ("authors", "loader"),
+                    ("authors", "gpu loader")]
     assert all(r["samples_per_s"] > 0 for r in report["results"])
     assert report["torch"] == torch.__version__ and report["device"] == "cpu"
     assert "| fused | synthetic |" in result.stdout and "1.00x" in result.stdout

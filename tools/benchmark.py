@@ -9,8 +9,11 @@ Every step is main.py's: forward of every view, EMA, momentum forward, Sinkhorn,
 the one all-reduce of the packed step scalars (and its host synchronisation), backward
 and optimizer step. `synthetic` batches live on the device already (the step alone);
 `--loader` also feeds the step from the real data pipeline (JPEG files, decoding and
-augmentation in --workers processes), so that data stalls show. Prints a markdown
-table; `--json` writes the figures with the machine, versions and date.
+augmentation with PIL in --workers processes), `--gpu_loader` from the GPU data
+backend (workers read bytes, the device decodes and augments), so that data stalls
+show; `--pipeline` measures the data pipelines alone (PIL on one core and with
+--workers, the GPU backend). Prints markdown tables; `--json` writes the figures with
+the machine, versions and date.
 """
 import argparse
 import datetime
@@ -31,6 +34,7 @@ from args import get_args  # noqa: E402
 from method import get_method  # noqa: E402
 from src.data import build_pretrain_dataset, dataset_info  # noqa: E402
 from src.demo_data import make_image  # noqa: E402
+from src.gpu_data import GpuViews, build_encoded_dataset, collate_encoded  # noqa: E402
 from src.loader import train_loader  # noqa: E402
 from src.models import input_format, speed_up  # noqa: E402
 from src.optim import AmpOptimizer, build_optimizer  # noqa: E402
@@ -51,12 +55,18 @@ CONFIGS = {
 OFF = ["--channels_last", "False", "--fused", "False"]  # the authors' defaults everywhere
 
 
-def build(bench, flags, device):
-    """(model, AmpOptimizer, args) of one configuration, from the same seeded init."""
+def bench_args(bench, flags):
+    """main.py's arguments of one configuration."""
     args = get_args(["--arch", bench.arch, "--dataset", bench.dataset, *OFF, *flags,
                      "--crops_size", str(bench.crop), "--crops_nmb", str(bench.views - 1)])
     if "--compile" in flags:
         args.compile = bench.compile_backend
+    return args
+
+
+def build(bench, flags, device):
+    """(model, AmpOptimizer, args) of one configuration, from the same seeded init."""
+    args = bench_args(bench, flags)
     torch.manual_seed(0)
     model = speed_up(get_method(args).to(device).train(), args.channels_last, args.compile)
     amp = AmpOptimizer(build_optimizer(model, 0.1, args), device, args.precision)
@@ -79,47 +89,72 @@ def synthetic_batches(bench, args, device):
         yield views
 
 
-def loader_batches(bench, args, device, data_path):
-    """Views from the real pretraining pipeline over the JPEGs in `data_path`."""
+def loader_batches(bench, args, device, data_path, backend="pil", workers=None):
+    """Views from a real pretraining pipeline over the JPEGs in `data_path`: PIL in the
+    workers, or the GPU backend (workers read bytes; decode and views on `device`)."""
     args.data_path, args.dataset = str(data_path), "imagenet"
-    dataset = build_pretrain_dataset(args)
-    loader = train_loader(dataset, bench.batch_size, bench.workers, seed=0)
+    gpu = backend == "gpu"
+    dataset = build_encoded_dataset(args) if gpu else build_pretrain_dataset(args)
+    loader = train_loader(dataset, bench.batch_size, bench.workers if workers is None
+                          else workers, seed=0,
+                          collate=collate_encoded if gpu else torch.utils.data.default_collate)
     fmt = input_format(args.channels_last)
+    make = GpuViews(args, device, fmt) if gpu else None
     epoch = 0
     while True:
         loader.batch_sampler.set_epoch(epoch)
         for batch in loader:
-            yield [x.to(device, non_blocking=True, memory_format=fmt) for x in batch.data]
+            yield make(batch.data) if gpu else [
+                x.to(device, non_blocking=True, memory_format=fmt) for x in batch.data]
         epoch += 1
 
 
-def measure(bench, name, device, data_path=None):
+def timed(device, work, steps, warmup):
+    """Seconds per call of `work()` over `steps` calls, after `warmup` calls."""
+    for _ in range(warmup):
+        work()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        work()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def pipeline(bench, device, data_path, backend, workers):
+    """Samples/s of a data pipeline alone (views made, no training step)."""
+    batches = loader_batches(bench, bench_args(bench, []), device, data_path, backend, workers)
+    seconds = timed(device, lambda: next(batches), bench.pipeline_steps, 1)
+    return {"config": f"{backend} pipeline, {workers} workers", "input": "pipeline",
+            "samples_per_s": bench.batch_size / seconds, "ms_per_step": 1000 * seconds,
+            "peak_memory_gib": None}
+
+
+def release(device):
+    """Free what the previous measurement left (memory, compiled graphs)."""
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure(bench, name, device, data_path=None, backend="pil"):
     """Samples/s, ms per step and peak device memory of configuration `name`."""
+    release(device)
     model, amp, args = build(bench, CONFIGS[name], device)
-    batches = (loader_batches(bench, args, device, data_path) if data_path
+    batches = (loader_batches(bench, args, device, data_path, backend) if data_path
                else synthetic_batches(bench, args, device))
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(bench.warmup):
-        step(model, amp, next(batches), device)
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(bench.steps):
-        step(model, amp, next(batches), device)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / bench.steps
+    seconds = timed(device, lambda: step(model, amp, next(batches), device), bench.steps,
+                    bench.warmup)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    del model, amp, batches
-    gc.collect()
-    torch._dynamo.reset()
-    if cuda:
-        torch.cuda.empty_cache()
-    return {"config": name, "input": "loader" if data_path else "synthetic",
-            "samples_per_s": bench.batch_size / seconds, "ms_per_step": 1000 * seconds,
-            "peak_memory_gib": peak}
+    source = {"pil": "loader", "gpu": "gpu loader"}[backend] if data_path else "synthetic"
+    return {"config": name, "input": source, "samples_per_s": bench.batch_size / seconds,
+            "ms_per_step": 1000 * seconds, "peak_memory_gib": peak}
 
 
 def write_jpegs(folder, count, size):
@@ -134,13 +169,15 @@ def write_jpegs(folder, count, size):
 
 def table(results):
     base = {r["input"]: r["samples_per_s"] for r in results if r["config"] == "authors"}
+    base["gpu loader"] = base.get("loader")
     lines = ["| configuration | input | samples/s | vs authors | ms/step | peak memory |",
              "|---|---|---|---|---|---|"]
     for r in results:
-        ratio = r["samples_per_s"] / base[r["input"]] if r["input"] in base else float("nan")
+        ratio = (f"{r['samples_per_s'] / base[r['input']]:.2f}x" if base.get(r["input"])
+                 else "-")
         memory = f"{r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] is not None else "-"
         lines.append(f"| {r['config']} | {r['input']} | {r['samples_per_s']:.1f} | "
-                     f"{ratio:.2f}x | {r['ms_per_step']:.1f} | {memory} |")
+                     f"{ratio} | {r['ms_per_step']:.1f} | {memory} |")
     return lines
 
 
@@ -157,15 +194,24 @@ def main():
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=3,
                         help="untimed steps first (compilation and cuDNN autotuning happen here)")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS),
                         metavar="NAME", help="configurations to measure: " + ", ".join(CONFIGS))
     parser.add_argument("--compile_backend", default="inductor",
                         help="torch.compile backend of the compile configurations")
     parser.add_argument("--loader", nargs="*", default=None, metavar="NAME",
                         help="also measure these configurations (default: authors and ours) "
                         "fed by the real data pipeline")
+    parser.add_argument("--gpu_loader", nargs="*", default=None, metavar="NAME",
+                        help="also measure these configurations (default: ours) fed by the "
+                        "GPU data backend (compare with --loader's authors row)")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="also measure the data pipelines alone: PIL with 0 workers (one "
+                        "core) and with --workers, and the GPU backend with --workers")
+    parser.add_argument("--pipeline_steps", type=int, default=5,
+                        help="timed batches of each pipeline alone (after one untimed)")
     parser.add_argument("--data_path", default=None,
-                        help="ImageFolder (train/) for --loader (default: generated JPEGs)")
+                        help="ImageFolder (train/) for the data pipelines (default: generated "
+                        "JPEGs)")
     parser.add_argument("--loader_images", type=int, default=2048,
                         help="JPEGs to generate for --loader without --data_path")
     parser.add_argument("--image_size", type=int, default=320,
@@ -178,12 +224,18 @@ def main():
     torch.backends.cudnn.benchmark = True
 
     results = [measure(bench, name, device) for name in bench.configs]
-    if bench.loader is not None:
+    if bench.loader is not None or bench.gpu_loader is not None or bench.pipeline:
         with tempfile.TemporaryDirectory() as tmp:
             data = Path(bench.data_path) if bench.data_path else write_jpegs(
                 tmp, bench.loader_images, bench.image_size)
-            for name in bench.loader or ["authors", "ours"]:
+            if bench.pipeline:
+                for backend, workers in (("pil", 0), ("pil", bench.workers),
+                                         ("gpu", bench.workers)):
+                    results.append(pipeline(bench, device, data, backend, workers))
+            for name in (bench.loader or ["authors", "ours"]) if bench.loader is not None else []:
                 results.append(measure(bench, name, device, data))
+            for name in (bench.gpu_loader or ["ours"]) if bench.gpu_loader is not None else []:
+                results.append(measure(bench, name, device, data, backend="gpu"))
 
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
     header = (f"{bench.arch}, {bench.views} views of {bench.crop} px, batch {bench.batch_size}, "

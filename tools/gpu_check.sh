@@ -6,10 +6,13 @@
 # going on after a failure:
 #   1. torchrun --nproc_per_node=1 main.py: NCCL, SyncBatchNorm, fp16 autocast with loss
 #      scaling, checkpoints inside the epoch, SIGTERM mid-epoch (exit 75), resume;
-#   2. bf16 with --compile (torch.compile under DDP, SyncBatchNorm, momentum branch);
-#   3. eval_knn.py with --use_cuda True and False, eval_linear.py for one epoch;
+#   2. bf16 with --compile (torch.compile under DDP, SyncBatchNorm, momentum branch), and
+#      --data_backend gpu (JPEGs decoded in batches and augmented on the GPU);
+#   3. eval_knn.py (its bank sharded over processes) with --use_cuda True and False,
+#      eval_linear.py for one epoch;
 #   4. tools/benchmark.py: ResNet-50, two 224 px views, batch 256, the authors'
-#      configuration against ours, on synthetic batches and through the data pipeline.
+#      configuration against ours, on synthetic batches and through both data
+#      pipelines, and the pipelines alone (PIL on one core and 14 workers, GPU backend).
 # Writes env.txt, summary.txt (one line per step), check.log (everything) and the
 # benchmark's JSON and markdown table: 6 files.
 set -uo pipefail
@@ -72,14 +75,14 @@ with Pool() as pool:
 print(len(jobs), "JPEGs in", root)
 EOF
 
-TRAIN=(--data_path "$DATA" --arch resnet50 --batch_size 64 --size_dataset 1024 --workers 12
+TRAIN=(--data_path "$DATA" --arch resnet50 --batch_size 64 --size_dataset 768 --workers 12
        --epochs 2 --warmup_epochs 1 --eval_every 0 --seed 0 --log_every 1 --checkpoint_iters 5)
 RUN=(torchrun --standalone --nproc_per_node=1 main.py)
 
 # 1. fp16 (the default on CUDA): stopped by SIGTERM inside epoch 1, then resumed
 "${RUN[@]}" "${TRAIN[@]}" --dump_path "$WORK/fp16" >> "$OUT/check.log" 2>&1 &
 RUN_PID=$!
-for _ in $(seq 600); do grep -q "epoch 1/2 iter 8/16" "$WORK/fp16/out.log" 2>/dev/null && break; sleep 0.2; done
+for _ in $(seq 600); do grep -q "epoch 1/2 iter 6/12" "$WORK/fp16/out.log" 2>/dev/null && break; sleep 0.2; done
 kill -TERM "$RUN_PID"
 wait "$RUN_PID"
 echo "fp16_sigterm rc=$? (torchrun's own code; its rank exits 75)" | tee -a "$OUT/summary.txt"
@@ -90,6 +93,10 @@ grep -h "resumed from\|epoch 2/2 done" "$WORK/fp16/out.log" | cut -c1-160 >> "$O
 # 2. bf16 with torch.compile (a ResNet-18 at 96 px: the compilation stays short)
 step bf16_compile 300 "${RUN[@]}" "${TRAIN[@]}" --epochs 1 --precision bf16 --compile \
   --arch resnet18 --crops_size 96 --size_dataset 256 --dump_path "$WORK/bf16"
+
+step gpu_data_backend 240 "${RUN[@]}" "${TRAIN[@]}" --epochs 1 --data_backend gpu \
+  --dump_path "$WORK/gpu_backend"
+grep -h "epoch 1/1 iter 12/12" "$WORK/gpu_backend/out.log" | cut -c1-160 >> "$OUT/summary.txt"
 
 # 3. evaluations of the fp16 run
 CKPT=$WORK/fp16/checkpoint.pth.tar
@@ -105,9 +112,9 @@ step linear_1_epoch 180 "${RUN[@]/main.py/eval_linear.py}" "${EVAL[@]}" --epochs
   --lr_classifier 10 --dump_path "$WORK/linear"
 
 # 4. the benchmark: the authors' configuration against ours, one run
-step benchmark 420 "$PY" tools/benchmark.py --arch resnet50 --batch_size 256 --steps 20 \
-  --warmup 5 --configs authors channels_last fused bf16 ours ours+compile \
-  --loader authors ours --data_path "$DATA" --workers 14 \
+step benchmark 420 "$PY" tools/benchmark.py --arch resnet50 --batch_size 256 --steps 15 \
+  --warmup 3 --configs authors channels_last fused bf16 ours ours+compile \
+  --loader authors ours --gpu_loader ours --pipeline --data_path "$DATA" --workers 14 \
   --json "$OUT/benchmark.json"
 sed -n '/^| configuration/,$p' "$OUT/check.log" | tail -n 20 > "$OUT/benchmark.md"
 

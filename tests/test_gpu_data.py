@@ -1,0 +1,111 @@
+"""The GPU data backend on CPU tensors: what the workers read, the batched decode with
+its fallbacks, the views it feeds to the step, and main.py with --data_backend gpu."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main as main_script
+from args import get_args
+from src.data import UnreadableImage, build_pretrain_dataset
+from src.gpu_data import (EncodedBatch, GpuViews, build_encoded_dataset, collate_encoded,
+                          decode, read_encoded)
+from src.gpu_views import N_PARAMS
+from src.loader import train_loader
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def picture(size=(40, 30), mode="RGB"):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+def save(img, path, **kwargs):
+    img.save(path, **kwargs)
+    return path
+
+
+def test_workers_ship_jpeg_bytes_and_decode_everything_else(tmp_path):
+    jpeg = save(picture(), tmp_path / "a.jpg", quality=95)
+    data, plain, height, width = read_encoded(jpeg)
+    assert plain and (height, width) == (30, 40) and data.dtype == torch.uint8
+    assert data.numpy().tobytes() == jpeg.read_bytes()  # the file itself, not decoded
+    gray = save(picture(mode="L"), tmp_path / "g.jpg")
+    assert read_encoded(gray)[1]  # a plain grayscale JPEG: decoded as RGB on the device
+    for name, img in (("p.png", picture()), ("c.jpg", picture(mode="CMYK"))):
+        path = save(img, tmp_path / name)
+        data, plain, height, width = read_encoded(path)
+        assert not plain and data.shape == (3, 30, 40)
+        expected = np.array(Image.open(path).convert("RGB"))  # what PIL decodes
+        assert torch.equal(data, torch.from_numpy(expected).permute(2, 0, 1))
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(jpeg.read_bytes()[:-200])  # truncated: no end-of-image marker
+    text = tmp_path / "t.jpg"
+    text.write_text("not an image")
+    for path in (cut, text):
+        with pytest.raises(UnreadableImage, match="cannot read image"):
+            read_encoded(path)
+
+
+def test_batched_decode_matches_the_cpu_decoder_and_falls_back(tmp_path, monkeypatch):
+    files = [save(picture((40 + i, 30)), tmp_path / f"{i}.jpg", quality=90) for i in range(3)]
+    items = [read_encoded(f) for f in files]
+    png = read_encoded(save(picture((20, 10)), tmp_path / "x.png"))
+    batch = EncodedBatch([d for d, *_ in items] + [png[0]], [True] * 3 + [False],
+                         torch.zeros(4, 2, N_PARAMS))
+    images = decode(batch, torch.device("cpu"))
+    assert [tuple(i.shape) for i in images] == [(3, 30, 40), (3, 30, 41), (3, 30, 42),
+                                                (3, 10, 20)]
+    pil = torch.from_numpy(np.array(Image.open(files[1]))).permute(2, 0, 1).int()
+    assert (images[1].int() - pil).abs().float().mean() < 2  # libjpeg vs PIL: rounding
+    # the device decoder refuses the batch and one image: PIL decodes that one instead
+    import src.gpu_data as gpu_data
+    real = gpu_data.decode_jpeg
+
+    def picky(data, **kwargs):
+        if isinstance(data, list) or data.numel() == items[1][0].numel():
+            raise RuntimeError("nvjpeg: unsupported")
+        return real(data, **kwargs)
+    monkeypatch.setattr(gpu_data, "decode_jpeg", picky)
+    out = decode(EncodedBatch([items[0][0], items[1][0]], [True, True],
+                              torch.zeros(2, 2, N_PARAMS)), torch.device("cpu"))
+    assert torch.equal(out[0], images[0]) and torch.equal(out[1].int(), pil)
+    garbage = torch.zeros_like(items[1][0])  # refused by the device decoder and by PIL
+    out = decode(EncodedBatch([items[0][0], garbage], [True, True],
+                              torch.zeros(2, 2, N_PARAMS)), torch.device("cpu"))
+    assert torch.equal(out[1], out[0])  # replaced by the batch's readable image
+
+
+def test_gpu_backend_views_have_the_pil_pipelines_count_sizes_and_determinism(demo_path):
+    args = get_args(["--dataset", "demo", "--data_path", demo_path, "--size_dataset", "40",
+                     "--crops_nmb", "1", "1", "--crops_size", "32", "16",
+                     "--crops_min_scale", "0.2", "0.05", "--crops_max_scale", "1", "0.3",
+                     "--solarization_prob", "0.2", "0.2"])
+    pil_views = build_pretrain_dataset(args)[0]
+    make = GpuViews(args, torch.device("cpu"))
+    batches = {}
+    for workers in (0, 2):
+        loader = train_loader(build_encoded_dataset(args), 8, workers, seed=3,
+                              collate=collate_encoded)
+        loader.batch_sampler.set_epoch(1)
+        batches[workers] = [make(batch.data) for batch in loader]
+    views = batches[0][0]
+    assert [tuple(v.shape[1:]) for v in views] == [tuple(v.shape) for v in pil_views]
+    assert [v.shape[0] for v in views] == [8, 8, 8] and len(batches[0]) == 5
+    for a, b in zip(batches[0], batches[2]):  # the worker count changes nothing
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    # normalised like the PIL views: roughly zero-mean for these images, not [0, 1]
+    assert views[0].min() < -1 and views[0].dtype == torch.float32
+
+
+def test_pretraining_with_the_gpu_backend_on_cpu(demo_path, tmp_path):
+    main_script.main(["--dataset", "demo", "--data_path", demo_path, "--arch", "resnet18",
+                      "--mlp_dim", "64", "--emb", "32", "--batch_size", "8",
+                      "--size_dataset", "24", "--epochs", "1", "--warmup_epochs", "0",
+                      "--workers", "0", "--eval_every", "0", "--seed", "0",
+                      "--data_backend", "gpu", "--dump_path", str(tmp_path)])
+    checkpoint = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
+    assert checkpoint["epoch"] == 1 and checkpoint["args"]["data_backend"] == "gpu"
+    assert "epoch 1/1 iter 3/3" in (tmp_path / "out.log").read_text()
