@@ -126,6 +126,12 @@ FLAGS = [
         type=str, default=None, choices=ARCHS, metavar="ARCH",
         help="encoder: " + ", ".join(ARCHS) + " (default: resnet50; resnet18 on CIFAR, "
         "fashion_mnist and demo)")),
+    ("architecture", ALL, ("--stem",), dict(
+        type=str, default=None, choices=("imagenet", "cifar"),
+        help="imagenet = 7x7 stride-2 conv and max-pool; cifar = 3x3 stride-1 conv, no "
+        "max-pool (4x the resolution inside the network, about 6x the cost) (default: cifar "
+        "on cifar10/cifar100/fashion_mnist, imagenet elsewhere); evaluate with the stem "
+        "the encoder was trained with")),
     ("architecture", MAIN, ("--mlp_layers",), dict(
         type=int, default=3, help="number of Linear layers in the projector")),
     ("architecture", MAIN, ("--mlp_dim",), dict(
@@ -274,6 +280,8 @@ def resolve_defaults(args):
         args.lr = 0.3 if cifar else 0.5
     if args.wd is None:
         args.wd = 1e-4 if cifar else 1e-5
+    if args.stem is None:
+        args.stem = "cifar" if info.small_images else "imagenet"
     if args.pred is None:
         args.pred = not cifar  # resa_cifar has no predictor (SPEC §7)
     cuda = torch.cuda.is_available()

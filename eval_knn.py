@@ -9,7 +9,6 @@ the whole bank's. `--use_cuda False` keeps each shard in CPU memory.
 import torch
 
 from args import get_args
-from src.data import dataset_info
 from src.distributed import is_main_process, run_distributed
 from src.engine import extract_features, extract_shard
 from src.errors import exit_on_usage_error
@@ -28,7 +27,7 @@ RESULTS = "knn_results.json"
 def evaluate(args):
     log = start_run(args)[0]
 
-    encoder, _ = build_encoder(args.arch, dataset_info(args.dataset).small_images)
+    encoder, _ = build_encoder(args.arch, args.stem == "cifar")
     load_pretrained_encoder(encoder.to(args.device).eval(), args.pretrained)
     train, val = eval_datasets(args, "plain")
     log.info(f"{len(train)} train and {len(val)} val images of {len(train.classes)} classes")

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import CosineAnnealingLR, MultiStepLR
 
 from args import get_args
-from src.data import dataset_info
 from src.distributed import (all_reduce_sum, is_main_process, main_process_first,
                              run_distributed, wrap_ddp)
 from src.engine import progress
@@ -154,7 +153,7 @@ def verify_frozen(encoder, reference, log):
 def linear_eval(args):
     log, run, checkpoint = start_run(args, CHECKPOINT, required=("epoch", "optimizer",
                                                                  "scheduler"))
-    encoder, feature_dim = build_encoder(args.arch, dataset_info(args.dataset).small_images)
+    encoder, feature_dim = build_encoder(args.arch, args.stem == "cifar")
     load_pretrained_encoder(encoder.to(args.device), args.pretrained)
     train, val = eval_datasets(args, "train_aug", val_kind="val")
     train = train_dataset(args, train, log)

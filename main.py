@@ -47,7 +47,8 @@ def pretrain(args):
 
     loader = train_loader(dataset, args.batch_size, args.workers, args.seed,
                           collate=collate_encoded if gpu_backend else default_collate)
-    model = get_method(args, *pretraining_encoder(args.arch, args.dataset)).to(args.device)
+    model = get_method(args, *pretraining_encoder(args.arch, args.dataset, args.stem))
+    model.to(args.device)
     model = speed_up(sync_batchnorm(model, args), args.channels_last, args.compile)
     trained = wrap_ddp(model, args)
     torch.backends.cudnn.benchmark = True
@@ -92,7 +93,7 @@ def pretrain(args):
             while loop.epoch < args.epochs:
                 loss = loop.run_epoch()
                 loop.save()
-                writer.add(loop.step, "epoch/", loss=loss)
+                writer.add(loop.step, "epoch/", loss=loss, train_minutes=loop.seconds / 60)
                 log.info(f"epoch {loop.epoch}/{args.epochs} done: mean loss {loss:.4f}, "
                          f"checkpoint {run.path}")
                 epoch = loop.epoch

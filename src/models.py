@@ -82,12 +82,13 @@ def build_encoder(arch, small_images=False, zero_init_residual=False):
     return model, feature_dim
 
 
-def pretraining_encoder(arch, dataset):
-    """(encoder, feature_dim) to pretrain on `dataset`: its stem (CIFAR's for small
-    images) and zero-init residual BNs (SPEC §2), except resnet18 on the CIFAR-sized
-    datasets, which the authors' CIFAR code trains without."""
+def pretraining_encoder(arch, dataset, stem=None):
+    """(encoder, feature_dim) to pretrain on `dataset`: the `stem` asked for (default:
+    CIFAR's for small images) and zero-init residual BNs (SPEC §2), except resnet18 on
+    the CIFAR-sized datasets, which the authors' CIFAR code trains without."""
     zero_init = not (arch == "resnet18" and dataset in PLAIN_INIT_RESNET18)
-    return build_encoder(arch, dataset_info(dataset).small_images, zero_init)
+    small = dataset_info(dataset).small_images if stem is None else stem == "cifar"
+    return build_encoder(arch, small, zero_init)
 
 
 def speed_up(model, channels_last=False, compile_backend=None):

@@ -21,11 +21,11 @@ from src.logger import get_logger
 
 # flags whose change would make the resumed run another run (refused), per script
 REFUSED = {
-    "main": ("dataset", "size_dataset", "arch", "mlp_layers", "mlp_dim", "emb", "pred",
+    "main": ("dataset", "size_dataset", "arch", "stem", "mlp_layers", "mlp_dim", "emb", "pred",
              "crops_nmb", "crops_size", "crops_min_scale", "crops_max_scale",
              "solarization_prob", "temperature", "momentum", "lr", "final_lr", "wd",
              "optimizer", "warmup_epochs", "seed"),
-    "eval_linear": ("dataset", "arch", "crops_size", "num_classes", "weights",
+    "eval_linear": ("dataset", "arch", "stem", "crops_size", "num_classes", "weights",
                     "train_percent", "train_files", "lr_classifier", "lr_encoder",
                     "scheduler", "seed", "pretrained"),
 }

@@ -83,6 +83,7 @@ class TrainLoop:
         self.checkpoint_iters, self.log_every = checkpoint_iters, log_every
         self.epoch = self.iteration = 0  # the next step is `iteration` of `epoch`
         self.loss_sum = 0.0  # of this epoch's steps so far
+        self.seconds = 0.0  # spent in training epochs since the run began, resumes included
         self.health = DataHealth()
         self.signals = StopSignals()
         self.stopping = (0.0, 0.0)  # agreed (stop, requeue)
@@ -96,12 +97,14 @@ class TrainLoop:
 
     def position(self):
         return {"epoch": self.epoch, "iteration": self.iteration,
-                "loop": {"loss_sum": self.loss_sum, "data": self.health.state_dict()}}
+                "loop": {"loss_sum": self.loss_sum, "seconds": self.seconds,
+                         "data": self.health.state_dict()}}
 
     def load_position(self, checkpoint):
         self.epoch, self.iteration = checkpoint["epoch"], checkpoint.get("iteration", 0)
         if "loop" in checkpoint:
             self.loss_sum = checkpoint["loop"]["loss_sum"]
+            self.seconds = checkpoint["loop"].get("seconds", 0.0)
             self.health.load_state_dict(checkpoint["loop"]["data"])
         if self.iteration >= len(self.loader):
             raise UsageError(f"the checkpoint's position (iteration {self.iteration} of epoch "
@@ -133,6 +136,7 @@ class TrainLoop:
             for batch in self.loader:
                 value, scalars = self._train_step(batch)
                 now = time.perf_counter()  # throughput counts data loading too
+                self.seconds += now - last
                 self._log(value, scalars, now - last,
                           (now - start) / (self.iteration - first), bar)
                 last = now

@@ -133,6 +133,7 @@ def test_the_uninterrupted_run_layout(reference_two):
     assert all(k.startswith("module.") for k in checkpoint["state_dict"])
     assert "module.momentum_projector.6.weight" in checkpoint["state_dict"]
     assert len(checkpoint["random_states"]) == 2  # one per process
+    assert checkpoint["loop"]["seconds"] > 0  # training time, kept across resumes
     log = (reference_two / "out.log").read_text()
     assert "2 process(es)" in log and "epoch 2/2 done" in log
     model = torchvision.models.resnet18()

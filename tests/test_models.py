@@ -53,3 +53,15 @@ def test_projector_and_predictor_shapes():
     predictor = build_predictor(16, 64)
     assert [type(m).__name__ for m in predictor] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
     assert predictor(torch.randn(4, 16)).shape == (4, 16)
+
+
+def test_stem_follows_the_dataset_unless_asked():
+    from args import get_args
+    from method import get_method
+    for flags, kernel in ((["--dataset", "fashion_mnist"], (3, 3)),
+                          (["--dataset", "fashion_mnist", "--stem", "imagenet"], (7, 7)),
+                          (["--dataset", "demo"], (7, 7)),
+                          (["--dataset", "demo", "--stem", "cifar"], (3, 3))):
+        model = get_method(get_args([*flags, "--mlp_dim", "16", "--emb", "8"]))
+        assert model.encoder.conv1.kernel_size == kernel, flags
+        assert model.momentum_encoder.conv1.kernel_size == kernel

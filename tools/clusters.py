@@ -30,7 +30,6 @@ from src.checkpoint import load_file, load_model_state, strip_prefix  # noqa: E4
 from src.clustering import (KMEANS_N_INIT, branch_features, check_clusterable,  # noqa: E402
                             clustering_scores, feature_names, nearest_k, seeded_subset,
                             tsne_2d)
-from src.data import dataset_info  # noqa: E402
 from src.distributed import is_main_process, run_distributed  # noqa: E402
 from src.errors import UsageError, exit_on_usage_error  # noqa: E402
 from src.eval_data import eval_datasets  # noqa: E402
@@ -101,7 +100,7 @@ def load_branch(args):
     """(encoder, projector or None, description) of the momentum branch in
     --pretrained, read once; an empty --pretrained is a random encoder alone."""
     log = get_logger()
-    encoder, feature_dim = build_encoder(args.arch, dataset_info(args.dataset).small_images)
+    encoder, feature_dim = build_encoder(args.arch, args.stem == "cifar")
     encoder.to(args.device)  # before a broadcast, which needs the backend's device
     if not args.pretrained:
         load_pretrained_encoder(encoder, "")
