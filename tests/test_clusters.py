@@ -365,3 +365,24 @@ def test_projector_shapes_are_read_from_the_state_dict(checkpoints):
     with pytest.raises(clusters.UsageError, match="takes 512 features"):
         clusters.momentum_projector(checkpoint, "x", 2048, torch.device("cpu"))
     assert isinstance(projector[-1], nn.BatchNorm1d) and not projector[-1].affine
+
+
+def test_random_baseline_is_the_initialisation_pretraining_starts_from(demo, tmp_path,
+                                                                       in_process):
+    """With no checkpoint, the measured encoder is the random one: the baseline row,
+    built from the same --seed, must give the very same numbers; another seed must not."""
+    result = in_process(*tool_flags(demo, tmp_path, "--pretrained", "", "--random_baseline",
+                                    "--tsne_samples", 20))
+    assert_ok(result)
+    scores = json.loads((tmp_path / "clustering.json").read_text())
+    assert list(scores) == ["random_encoding", "encoding", "meta"]
+    assert scores["random_encoding"] == scores["encoding"]
+    assert "| random_encoding " in result.stdout
+    with Image.open(tmp_path / "tsne.png") as picture:
+        assert picture.size[0] > 1.5 * picture.size[1]  # two panels side by side
+
+    other = tmp_path / "seed1"
+    assert_ok(in_process(*tool_flags(demo, other, "--pretrained", "", "--random_baseline",
+                                     "--seed", 1, "--tsne_samples", 0)))
+    moved = json.loads((other / "clustering.json").read_text())
+    assert moved["random_encoding"] != scores["random_encoding"]

@@ -182,7 +182,7 @@ def test_demo_dataset_layout_and_counts(demo_root):
     train = datasets.ImageFolder(str(demo_root / 'train'))
     val = datasets.ImageFolder(str(demo_root / 'val'))
     assert train.classes == val.classes == [demo_data.class_folder(i) for i in range(10)]
-    assert train.classes[0] == '00_circle'
+    assert train.classes[0] == '00_red' and train.classes[-1] == '09_rose'
     assert len(train) == 10 * demo_data.TRAIN_PER_CLASS == 2000
     assert len(val) == 10 * demo_data.VAL_PER_CLASS == 500
     assert np.bincount(train.targets).tolist() == [200] * 10
@@ -221,6 +221,48 @@ def test_interrupted_demo_generation_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         demo_data.ensure_demo_dataset(tmp_path / 'demo')
     assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_replaces_an_earlier_version_of_itself(tmp_path):
+    """A folder marked as an older demo dataset (shape classes) is regenerated, not
+    trained on: the marker proves this project made it."""
+    old = tmp_path / 'demo'
+    (old / 'train' / '00_circle').mkdir(parents=True)
+    (old / demo_data.OLD_MARKERS[0]).write_text('10 classes\n')
+    demo_data.ensure_demo_dataset(old)
+    assert (old / demo_data.MARKER).is_file() and not (old / demo_data.OLD_MARKERS[0]).exists()
+    assert sorted(p.name for p in (old / 'train').iterdir()) == [
+        demo_data.class_folder(i) for i in range(10)]
+
+
+def test_demo_classes_differ_in_hue_and_not_in_shape(demo_root):
+    """Mean foreground hue of each class sits near label / 10; every class holds
+    many shapes (the nuisance), so shape does not tell the class."""
+    import colorsys
+    for label in (0, 3, 7):
+        hues = []
+        for path in sorted((demo_root / 'train' / demo_data.class_folder(label)).iterdir())[:20]:
+            rgb = np.asarray(Image.open(path), dtype=np.float64) / 255
+            bright = rgb[rgb.max(axis=2) >= 0.8 * rgb.max()]   # foreground pixels
+            hues.append(colorsys.rgb_to_hsv(*np.median(bright, axis=0))[0])
+        circular = np.angle(np.mean(np.exp(2j * np.pi * np.array(hues)))) / (2 * np.pi) % 1
+        assert min(abs(circular - label / 10), 1 - abs(circular - label / 10)) < 0.03
+    drawn = []  # the shape index each image draws
+
+    class Recorder:
+        def __init__(self, rng):
+            self.rng = rng
+
+        def __getattr__(self, name):
+            return getattr(self.rng, name)
+
+        def integers(self, *a, **k):
+            drawn.append(int(self.rng.integers(*a, **k)))
+            return drawn[-1]
+    rng = Recorder(np.random.default_rng(1))
+    for _ in range(50):
+        demo_data.make_image(4, rng)
+    assert len(set(drawn)) == len(demo_data.SHAPES)
 
 
 def test_demo_refuses_a_foreign_non_empty_folder(tmp_path):

@@ -1,5 +1,6 @@
 """main.py end to end: two-process torchrun with resume, non-finite stop, bad input."""
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import main as main_script
 from args import build_parser, get_args
@@ -181,13 +183,21 @@ def test_quickstart_runs(demo_path, tmp_path):
     """The README's quick-start command end to end (1 epoch each)."""
     result = subprocess.run(
         [sys.executable, "tools/quickstart.py", "--epochs", "1", "--linear_epochs", "1",
-         "--workers", "0", "--data_path", demo_path, "--out", str(tmp_path / "qs")],
+         "--workers", "0", "--tsne_samples", "30", "--data_path", demo_path,
+         "--out", str(tmp_path / "qs")],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     table = lines[next(i for i, line in enumerate(lines) if line.startswith("encoder ")):]
     assert table[1].startswith("random init") and table[2].startswith("ReSA, 1 epochs")
     assert all(0 <= float(x) <= 100 for row in table[1:3] for x in row.split()[-3:])
+    clustering = lines[next(i for i, line in enumerate(lines) if line.startswith("features ")):]
+    scores = json.loads((tmp_path / "qs" / "clusters" / "clustering.json").read_text())
+    for row, name in zip(clustering[1:4], ("random_encoding", "encoding", "embedding")):
+        assert float(row.split()[-2]) == pytest.approx(scores[name]["silhouette_mean"], abs=1e-3)
+        assert float(row.split()[-1]) == pytest.approx(scores[name]["ari"], abs=1e-3)
+    with Image.open(tmp_path / "qs" / "clusters" / "tsne.png") as picture:
+        assert picture.format == "PNG" and picture.size[0] > 2 * picture.size[1]  # 3 panels
 
 
 def readme_commands():

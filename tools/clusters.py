@@ -34,9 +34,10 @@ from src.distributed import is_main_process, run_distributed  # noqa: E402
 from src.errors import UsageError, exit_on_usage_error  # noqa: E402
 from src.eval_data import eval_datasets  # noqa: E402
 from src.logger import get_logger, save_results  # noqa: E402
-from src.models import build_encoder, build_projector  # noqa: E402
+from src.models import build_encoder, build_projector, pretraining_encoder  # noqa: E402
 from src.pretrained import load_encoder_state, load_pretrained_encoder  # noqa: E402
 from src.runtime import start_run  # noqa: E402
+from src.seeding import seed_everything  # noqa: E402
 
 RESULTS, PICTURE = "clustering.json", "tsne.png"
 SUBSET_DEFAULTS = {"max_samples": 10000, "bank_samples": 50000, "tsne_samples": 2000}
@@ -64,6 +65,11 @@ OWN_FLAGS = [
         type=int, default=0, help="seed of the subsets of the test and train splits")),
     ("clustering", CLUSTERS, ("--kmeans_seed",), dict(
         type=int, default=0, help="seed of k-means and of t-SNE")),
+    ("clustering", CLUSTERS, ("--random_baseline",), dict(
+        action="store_true",
+        help="also measure `random_encoding`: the encoder that pretraining with this "
+        "--seed (and --arch, --dataset, --stem) starts from, as a first row and a first "
+        "t-SNE panel")),
     ("clustering", CLUSTERS, ("--kmeans_n_init",), dict(
         type=int, default=KMEANS_N_INIT,
         help="k-means restarts (the best one is kept); fewer make ImageNet's 1000 "
@@ -100,11 +106,10 @@ def load_branch(args):
     """(encoder, projector or None, description) of the momentum branch in
     --pretrained, read once; an empty --pretrained is a random encoder alone."""
     log = get_logger()
-    encoder, feature_dim = build_encoder(args.arch, args.stem == "cifar")
-    encoder.to(args.device)  # before a broadcast, which needs the backend's device
     if not args.pretrained:
-        load_pretrained_encoder(encoder, "")
-        return encoder, None, "random initialisation"
+        return random_encoder(args), None, "random initialisation"
+    encoder, feature_dim = build_encoder(args.arch, args.stem == "cifar")
+    encoder.to(args.device)
     checkpoint = load_file(args.pretrained)
     form = load_encoder_state(encoder, checkpoint, args.pretrained)
     projector = momentum_projector(checkpoint, args.pretrained, feature_dim, args.device)
@@ -113,6 +118,15 @@ def load_branch(args):
     else:
         log.info(f"momentum projector: {len(feature_names(projector)) - 1} layers")
     return encoder, projector, form
+
+
+def random_encoder(args):
+    """The encoder that main.py with these flags starts from (same seed, stem and
+    initialisation), rank 0's on every process."""
+    seed_everything(args.seed)
+    encoder, _ = pretraining_encoder(args.arch, args.dataset, args.stem)
+    load_pretrained_encoder(encoder.to(args.device), "")
+    return encoder
 
 
 def chosen_features(requested, available, path):
@@ -203,7 +217,8 @@ def picture(args, features, labels, size, test_index, classes):
     """t-SNE of H and Z (H alone without a projector) of `size` seeded samples of the
     measured subset, by class, and for CIFAR-100 by superclass too."""
     part = seeded_subset(len(labels), size, args.subset_seed)
-    titles = {"encoding": "encoding H", "embedding": "embedding Z"}
+    titles = {"random_encoding": "random encoder, H", "encoding": "encoding H",
+              "embedding": "embedding Z"}
     points = {title: tsne_2d(features[name][part.to(features[name].device)], args.kmeans_seed)
               for name, title in titles.items() if name in features}
     rows = [(labels[part.numpy()], list(classes), "classes")]
@@ -241,10 +256,20 @@ def analyse(args):
                                                        "train split"), args.subset_seed)
     check_clusterable(torch.as_tensor(test.targets)[test_index])
 
-    features, labels = branch_features(encoder, projector, Subset(test, test_index.tolist()),
-                                       args.batch_size, args.workers, args.device, "test")
-    bank, bank_labels = branch_features(encoder, projector, Subset(train, bank_index.tolist()),
-                                        args.batch_size, args.workers, args.device, "bank")
+    branches = [("", encoder, projector)]
+    if args.random_baseline:
+        branches.insert(0, ("random_", random_encoder(args), None))
+        names.insert(0, "random_encoding")
+    features, bank = {}, {}
+    for prefix, net, head in branches:
+        measured_part, labels = branch_features(net, head, Subset(test, test_index.tolist()),
+                                                args.batch_size, args.workers, args.device,
+                                                f"{prefix}test")
+        bank_part, bank_labels = branch_features(net, head, Subset(train, bank_index.tolist()),
+                                                 args.batch_size, args.workers, args.device,
+                                                 f"{prefix}bank")
+        features.update({prefix + name: x for name, x in measured_part.items()})
+        bank.update({prefix + name: x for name, x in bank_part.items()})
     if not is_main_process():
         return None  # no collective follows: the other ranks are done
 

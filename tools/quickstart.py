@@ -1,5 +1,6 @@
 """Quick start on a CPU: pretrain ReSA on the demo data, then compare the pretrained
-encoder with a randomly initialised one by weighted k-NN and a linear probe.
+encoder with a randomly initialised one by weighted k-NN, a linear probe and their
+clustering properties, with a t-SNE picture of both.
 
 Every step is an ordinary command of this repository, printed before it runs; run
 again with the same --out, each step resumes from (or reuses) what it left there.
@@ -31,6 +32,8 @@ def main():
     parser.add_argument("--workers", type=int, default=2, help="data-loading workers")
     parser.add_argument("--data_path", default=None,
                         help="where the demo data is generated (default: data/demo)")
+    parser.add_argument("--tsne_samples", type=int, default=500,
+                        help="validation images in the t-SNE picture (0: no picture)")
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -57,12 +60,25 @@ def main():
         linear = json.loads((out / f"linear_{tag}" / "linear_results.json").read_text())
         rows.append((name, knn["20"]["top1"], knn["5"]["top1"], linear["last_acc"]))
 
+    clusters = out / "clusters"
+    run([sys.executable, "tools/clusters.py", *demo,
+         "--pretrained", pretrain / "checkpoint.pth.tar", "--random_baseline",
+         "--features", "encoding", "embedding", "--batch_size", 250,
+         "--tsne_samples", args.tsne_samples, "--dump_path", clusters])
+    scores = json.loads((clusters / "clustering.json").read_text())
+
     print(f"\nDemo data, ResNet-18, 500 validation images "
           f"({(time.perf_counter() - start) / 60:.1f} min in all):")
     print(f"{'encoder':<20}{'k-NN top-1 (k=20)':>20}{'k-NN top-1 (k=5)':>19}"
           f"{'linear top-1':>15}")
     for name, knn20, knn5, linear in rows:
         print(f"{name:<20}{knn20:>20.1f}{knn5:>19.1f}{linear:>15.1f}")
+    print(f"\n{'features':<28}{'silhouette':>11}{'k-means ARI':>13}")
+    for name, label in (("random_encoding", "random init, encoding H"),
+                        ("encoding", "ReSA, encoding H"), ("embedding", "ReSA, embedding Z")):
+        print(f"{label:<28}{scores[name]['silhouette_mean']:>11.3f}{scores[name]['ari']:>13.3f}")
+    if args.tsne_samples:
+        print(f"\nt-SNE of both encoders: {clusters / 'tsne.png'}")
 
 
 if __name__ == "__main__":
