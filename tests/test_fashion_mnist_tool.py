@@ -1,0 +1,97 @@
+"""tools/fashion_mnist.py end to end on a tiny copy of Fashion-MNIST (the first 256
+training and 100 test images of the Debian package): the random baseline is main.py's
+own initialisation, the curve comes from main.py's monitor, the PNG, the JSON and the
+tables are written, and a second call reuses what the first left."""
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from src import data
+from src.checkpoint import load_file
+from src.data import FASHION_MNIST_DIR, read_idx
+from tools import fashion_mnist
+
+pytestmark = [
+    pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(),
+                       reason="Debian package dataset-fashion-mnist is not installed"),
+    pytest.mark.usefixtures("one_thread"),
+]
+
+TINY = ["--size_dataset", "128", "--epochs", "2", "--batch_size", "32", "--warmup_epochs", "0",
+        "--eval_every", "1", "--cluster_samples", "60", "--bank_samples", "100",
+        "--tsne_samples", "0", "--workers", "0"]
+
+
+def write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def tiny_fashion_mnist(tmp_path, monkeypatch):
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    for prefix, n in (("train", 256), ("t10k", 100)):
+        for kind in ("images-idx3", "labels-idx1"):
+            name = f"{prefix}-{kind}-ubyte.gz"
+            write_idx(folder / name, read_idx(Path(FASHION_MNIST_DIR) / name)[:n])
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(folder))  # read before --data_path
+    return folder
+
+
+def test_tool_end_to_end(tiny_fashion_mnist, tmp_path, capsys):
+    out = tmp_path / "out"
+    # --momentum 1: the EMA never moves the momentum encoder's parameters, so the final
+    # checkpoint still holds the initialisation, which must be the random baseline's
+    results = fashion_mnist.main(["--out", str(out), "--momentum", "1.0", *TINY])
+    printed = capsys.readouterr().out
+
+    random_init = load_file(out / "random" / "init.pth.tar")["state_dict"]
+    final = load_file(out / "pretrain" / "checkpoint.pth.tar")["state_dict"]
+    parameters = [k for k in final if k.startswith("module.momentum_")
+                  and not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert parameters and all(torch.equal(final[k], random_init[k]) for k in parameters)
+    online = "module.encoder.conv1.weight"  # the online encoder did train
+    assert not torch.equal(final[online], random_init[online])
+
+    written = json.loads((out / "results.json").read_text())
+    assert set(written) == {"recipe", "random", "curve", "final", "clusters", "load_average",
+                            "wall_minutes", "torch_threads"}
+    assert written["recipe"]["command"].startswith("python main.py --dataset fashion_mnist")
+    curve = written["curve"]
+    assert [p["epoch"] for p in curve] == [1, 2] and [p["step"] for p in curve] == [4, 8]
+    assert 0 < curve[0]["minutes"] < curve[1]["minutes"] and written["final"] == curve[-1]
+    for scores in (written["random"], *curve):
+        assert {"wknn20_top1", "linear_top1", "knn5_euclid_top1", "sc_encoding",
+                "sc_embedding"} <= set(scores)
+        assert all(0 <= scores[k] <= 100 for k in ("wknn20_top1", "linear_top1"))
+    assert set(written["clusters"]) == {"random init", "ReSA"}
+    for by_feature in written["clusters"].values():
+        assert set(by_feature) == {"encoding", "embedding"}
+        for scores in by_feature.values():
+            assert {"silhouette_mean", "ari", "nmi", "knn_top1"} <= set(scores)
+    assert (out / "clusters_resa" / "clustering.json").is_file()
+    assert not (out / "clusters_resa" / "tsne.png").exists()  # --tsne_samples 0
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert results["final"] == written["final"]
+
+    assert "$ python main.py --dataset fashion_mnist" in printed
+    assert "$ python tools/clusters.py" in printed
+    lines = printed.splitlines()
+    table = lines[lines.index(next(l for l in lines if l.startswith("encoder"))):]
+    assert table[1].startswith("random init") and table[2].startswith("ReSA, 2 epochs")
+    assert f"{written['random']['linear_top1']:.2f}" in table[1]
+    assert f"{curve[-1]['wknn20_top1']:.2f}" in table[2]
+    assert any(l.startswith("ReSA, Z (embedding)") for l in table)
+    assert any(l.startswith("random init, H (encoding)") for l in table)
+
+    # a second call reuses the baseline, the finished run and the clustering results
+    again = fashion_mnist.main(["--out", str(out), "--momentum", "1.0", *TINY])
+    printed = capsys.readouterr().out
+    assert "random baseline: reusing" in printed and "$ python tools/clusters.py" not in printed
+    assert again["curve"] == curve and again["random"] == written["random"]
