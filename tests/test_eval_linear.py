@@ -244,7 +244,9 @@ def test_selection_of_a_list_the_size_of_the_10_percent_list():
 
 @needs_public_lists
 def test_selection_of_the_full_10_percent_list():
-    selection_at_scale(subsets.read_subset(SUBSET_DIR / "10percent.txt"))
+    names = subsets.read_subset(SUBSET_DIR / "10percent.txt")
+    assert len(names) == 128_116 and len({subsets.subset_class(n) for n in names}) == 1000
+    selection_at_scale(names)
 
 
 def test_parse_rejects_what_is_not_a_list():

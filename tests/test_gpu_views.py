@@ -54,7 +54,7 @@ def assert_binomial(count, n, p, what):
     assert abs(count - n * p) <= BINOM_SD * sd, f'{what}: {count}/{n}, expected p={p}'
 
 
-def test_image(h, w, seed):
+def natural_image(h, w, seed):
     """A deterministic natural-looking uint8 HxWx3 image: colour gradients, a sine
     texture, a disc and a rectangle with sharp edges, mild noise."""
     rs = np.random.RandomState(seed)
@@ -64,9 +64,6 @@ def test_image(h, w, seed):
     img[int(h * .6):int(h * .85), int(w * .55):int(w * .9)] = (30, 90, 200)
     img += rs.normal(0, 6, img.shape)
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
-
-
-test_image.__test__ = False      # a helper, not a test
 
 
 def to_tensor(arr):
@@ -98,7 +95,7 @@ def abs_diff_stats(ours, ref):
     return d.mean(), np.percentile(d, 99)
 
 
-IMG_61x47, IMG_80 = test_image(61, 47, 0), test_image(80, 80, 1)
+IMG_61x47, IMG_80 = natural_image(61, 47, 0), natural_image(80, 80, 1)
 CROP_SPEC = G.ViewSpec(80, (0.2, 1.0), True, 0.0, 0.0)     # 80x80 box -> 80: no resize
 FULL_80 = (0, 0, 80, 80)
 
@@ -292,7 +289,7 @@ def test_batched_jitter_matches_torchvision_tensor_ops():
     torchvision's float tensor ops applied per sample in that order: the same maths
     up to torchvision's 0.2989 red luma weight (PIL's is 0.299): within 2e-4 of [0, 1]
     (measured max 4.5e-5)."""
-    images = [test_image(40, 40, seed) for seed in range(4)]
+    images = [natural_image(40, 40, seed) for seed in range(4)]
     settings = [((0, 1, 2, 3), (1.3, 0.7, 1.15, -0.06)), ((3, 2, 1, 0), (0.7, 1.3, 0.85, 0.09)),
                 ((1, 3, 0, 2), (1.05, 1.35, 1.2, 0.02)), ((2, 0, 3, 1), (0.65, 0.9, 0.8, -0.1))]
     params = torch.stack([param_row((0, 0, 40, 40), jitter=1, order=o, brightness=f[0],
@@ -348,7 +345,7 @@ def test_mismatched_crop_lists_are_a_usage_error():
 
 
 def _batch(seed, specs):
-    images = [to_tensor(test_image(h, w, seed + i)) for i, (h, w) in
+    images = [to_tensor(natural_image(h, w, seed + i)) for i, (h, w) in
               enumerate([(61, 47), (80, 80), (33, 50), (47, 61)])]
     gen = torch.Generator().manual_seed(seed)
     return images, torch.stack([G.draw_params(gen, i.shape[1], i.shape[2], specs) for i in images])
