@@ -139,15 +139,35 @@ def projector_features(projector, encodings, batch_size):
                                                            zip(*batches))}
 
 
-def branch_features(encoder, projector, dataset, batch_size, workers, device, desc="features"):
+class SideBySide(nn.Module):
+    """Two encoders of the same width over the same images, outputs concatenated: one
+    read of the images serves both."""
+
+    def __init__(self, first, second):
+        super().__init__()
+        self.first, self.second = first, second
+
+    def forward(self, x):
+        return torch.cat([self.first(x), self.second(x)], dim=1)
+
+
+def branch_features(encoder, projector, dataset, batch_size, workers, device, desc="features",
+                    baseline=None):
     """({name: L2-normalised features}, labels) of every sample of `dataset`, in its
     order, on every rank. The encoder runs over the images (sharded over processes and
     gathered, see `extract_features`); the projector (None: encoding only) then runs
-    over the gathered encodings, so the images are read once."""
-    with eval_mode(encoder, projector):
-        encodings, labels = extract_features(encoder, dataset, batch_size, workers, device,
+    over the gathered encodings, so the images are read once. `baseline`, an encoder
+    of the same architecture, runs beside it on the same batches and gives
+    `random_encoding`."""
+    net = encoder if baseline is None else SideBySide(baseline, encoder)
+    with eval_mode(net, projector):
+        encodings, labels = extract_features(net, dataset, batch_size, workers, device,
                                              desc=desc)
-        features = {"encoding": F.normalize(encodings, dim=1)}
+        features = {}
+        if baseline is not None:
+            random, encodings = encodings.chunk(2, dim=1)
+            features["random_encoding"] = F.normalize(random, dim=1)
+        features["encoding"] = F.normalize(encodings, dim=1)
         if projector is not None:
             features.update(projector_features(projector, encodings, batch_size))
     return features, labels

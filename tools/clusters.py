@@ -256,20 +256,16 @@ def analyse(args):
                                                        "train split"), args.subset_seed)
     check_clusterable(torch.as_tensor(test.targets)[test_index])
 
-    branches = [("", encoder, projector)]
+    baseline = None
     if args.random_baseline:
-        branches.insert(0, ("random_", random_encoder(args), None))
+        baseline = random_encoder(args)
         names.insert(0, "random_encoding")
-    features, bank = {}, {}
-    for prefix, net, head in branches:
-        measured_part, labels = branch_features(net, head, Subset(test, test_index.tolist()),
-                                                args.batch_size, args.workers, args.device,
-                                                f"{prefix}test")
-        bank_part, bank_labels = branch_features(net, head, Subset(train, bank_index.tolist()),
-                                                 args.batch_size, args.workers, args.device,
-                                                 f"{prefix}bank")
-        features.update({prefix + name: x for name, x in measured_part.items()})
-        bank.update({prefix + name: x for name, x in bank_part.items()})
+    features, labels = branch_features(encoder, projector, Subset(test, test_index.tolist()),
+                                       args.batch_size, args.workers, args.device, "test",
+                                       baseline)
+    bank, bank_labels = branch_features(encoder, projector, Subset(train, bank_index.tolist()),
+                                        args.batch_size, args.workers, args.device, "bank",
+                                        baseline)
     if not is_main_process():
         return None  # no collective follows: the other ranks are done
 
