@@ -255,8 +255,9 @@ def test_encoder_only_checkpoint_gives_the_encoding_alone(full_run, demo, checkp
     assert "error" not in result.stderr  # an info line, not an error
     scores = json.loads((tmp_path / "clustering.json").read_text())
     assert list(scores) == ["encoding", "meta"]
-    # the same momentum encoder, the same samples and seeds: the same numbers
-    assert scores["encoding"] == pytest.approx(full_run.json["encoding"])
+    # the same momentum encoder, the same samples and seeds: the same numbers, up to
+    # float rounding (the other run was another process, with its own thread count)
+    assert scores["encoding"] == pytest.approx(full_run.json["encoding"], rel=1e-4, abs=1e-6)
     with Image.open(tmp_path / "tsne.png") as picture:
         assert picture.size[0] < 1.5 * picture.size[1]  # one column: H only
 
