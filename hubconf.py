@@ -63,7 +63,7 @@ def pretrained_resnet(arch, weights=None, small_images=False, progress=True):
 def resnet50(weights=None, small_images=False, progress=True):
     """ReSA ResNet-50 encoder (2048 features). `weights`: a path, a URL or a release
     name of RELEASES, e.g. "only_bs256_ep100" or "full_bs1024_ep800"; None = random.
-    `small_images` = the CIFAR stem (3x3 stride-1 conv, no max-pool)."""
+    `small_images` = resa_cifar's stem (3x3 stride-1 conv zero-padding by 2, no max-pool)."""
     return pretrained_resnet("resnet50", weights, small_images, progress)
 
 

@@ -65,7 +65,10 @@ def _init_resnet(model, zero_init_residual):
 def build_encoder(arch, small_images=False, zero_init_residual=False):
     """Return (encoder, feature_dim): a ResNet whose forward gives the pooled features.
 
-    `small_images` swaps in the CIFAR stem (3x3 stride-1 conv, no max-pool).
+    `small_images` swaps in resa_cifar's stem (SPEC §2): no max-pool and a 3x3 stride-1
+    conv that zero-pads by 2. The authors pad the input by one pixel (a ConstantPad2d
+    without parameters) before their padding-1 conv; padding the conv by 2 is the same
+    arithmetic with torchvision's state-dict keys, so a 32x32 image gives 34x34 maps.
     """
     block, layers, widen = RESNETS[arch]
     if widen == 1:
@@ -76,7 +79,7 @@ def build_encoder(arch, small_images=False, zero_init_residual=False):
     model.fc = nn.Identity()
     if small_images:
         width = model.conv1.out_channels
-        model.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+        model.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=2, bias=False)
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
         model.maxpool = nn.Identity()
     return model, feature_dim

@@ -35,12 +35,12 @@ def test_resnet200_depth():
                             len(encoder.layer4)] == [3, 24, 36, 3]
 
 
-def test_cifar_stem_keeps_resolution():
+def test_cifar_stem_has_no_stride_and_no_max_pool():
     encoder, _ = build_encoder("resnet18", small_images=True)
     assert encoder.conv1.kernel_size == (3, 3) and encoder.conv1.stride == (1, 1)
     assert isinstance(encoder.maxpool, torch.nn.Identity)
     stem = torch.nn.Sequential(encoder.conv1, encoder.bn1, encoder.relu, encoder.maxpool)
-    assert stem(torch.randn(1, 3, 32, 32)).shape[-1] == 32
+    assert stem(torch.randn(1, 3, 32, 32)).shape[-1] == 34  # resa_cifar's input pad
 
 
 def test_projector_and_predictor_shapes():
@@ -65,3 +65,55 @@ def test_stem_follows_the_dataset_unless_asked():
         model = get_method(get_args([*flags, "--mlp_dim", "16", "--emb", "8"]))
         assert model.encoder.conv1.kernel_size == kernel, flags
         assert model.momentum_encoder.conv1.kernel_size == kernel
+
+
+def test_cifar_stem_pads_a_32px_image_to_34x34_maps_by_hand():
+    """resa_cifar zero-pads its input by one pixel and runs its 3x3 stride-1 conv with
+    padding 1, so conv1 sees the image padded by 2 and gives 34x34 maps. With every
+    conv1 weight 1 and an input of ones, an output pixel is 3 (channels) x the number
+    of real pixels under its 3x3 window: 3 at a corner (1 pixel), 12 one step in
+    (2x2), 9 and 18 on the edges (1x3, 2x3), 27 inside."""
+    encoder, dim = build_encoder("resnet18", small_images=True)
+    seen = {}
+    for name in ("conv1", "layer1", "layer2", "layer4"):
+        getattr(encoder, name).register_forward_hook(
+            lambda module, inputs, output, name=name: seen.setdefault(name, output))
+    with torch.no_grad():
+        encoder.conv1.weight.fill_(1.0)
+        features = encoder.eval()(torch.ones(1, 3, 32, 32))
+    assert features.shape == (1, dim)
+    conv1 = seen["conv1"][0]
+    assert conv1.shape == (64, 34, 34)
+    for (row, col), value in {(0, 0): 3, (33, 33): 3, (0, 33): 3, (1, 1): 12, (32, 32): 12,
+                              (0, 17): 9, (17, 33): 9, (1, 17): 18, (17, 32): 18,
+                              (2, 2): 27, (17, 17): 27, (31, 2): 27}.items():
+        assert torch.all(conv1[:, row, col] == value), (row, col)
+    real = torch.tensor([1, 2] + [3] * 30 + [2, 1], dtype=torch.float32)  # rows under a window
+    assert torch.equal(conv1[0], 3 * real[:, None] * real[None, :])
+    assert seen["layer1"].shape[-2:] == (34, 34)
+    assert seen["layer2"].shape[-2:] == (17, 17) and seen["layer4"].shape[-2:] == (5, 5)
+
+
+def test_cifar_stem_is_resa_cifars_pad_then_conv_and_adds_no_key():
+    """A 3x3 conv with padding 2 is exactly ConstantPad2d(1, 0) followed by the same conv
+    with padding 1 (zero padding composes); the pad has no parameter, so the state dict
+    is torchvision's and a torchvision ResNet with the swapped stem loads it (README)."""
+    torch.manual_seed(0)
+    encoder, _ = build_encoder("resnet18", small_images=True)
+    encoder = encoder.double().eval()
+    authors_stem = torch.nn.Sequential(torch.nn.ConstantPad2d(1, 0.0),
+                                       torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)).double()
+    authors_stem[1].weight.data.copy_(encoder.conv1.weight)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(encoder.conv1(x), authors_stem(x), rtol=0, atol=1e-12)
+
+    reference = torchvision.models.resnet18()
+    assert set(encoder.state_dict()) == {k for k in reference.state_dict()
+                                         if not k.startswith("fc.")}
+    reference.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False)
+    reference.maxpool = torch.nn.Identity()
+    reference.fc = torch.nn.Identity()
+    reference.load_state_dict(encoder.state_dict())  # strict
+    reference = reference.double().eval()
+    with torch.no_grad():
+        assert torch.equal(reference(x), encoder(x))

@@ -166,3 +166,93 @@ def test_momentum_copies_get_no_gradients():
     assert all(p.grad is None for p in model.momentum_parameters())
     assert model.encoder.conv1.weight.grad is not None
     assert model.predictor[0].weight.grad is not None
+
+
+class ResaCifarEncoder(torch.nn.Module):
+    """resa_cifar's ResNet-18 as its get_encoder leaves it for CIFAR, written from its
+    definition: the input zero-padded by one pixel (its `ConstantPad2d(1, 0.0)`), then
+    a ResNet-18 whose conv1 is a 3x3 stride-1 conv with padding 1 and whose max-pool is
+    gone; plain initialisation (zero_init_residual is off for resnet18)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pad = torch.nn.ConstantPad2d(1, 0.0)
+        self.net = torchvision.models.resnet18()
+        self.net.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        self.net.maxpool = torch.nn.Identity()
+        self.net.fc = torch.nn.Identity()
+
+    def forward(self, x):
+        return self.net(self.pad(x))
+
+
+def resa_cifar_projector(mlp_dim, emb):
+    """resa_cifar's get_projector with 3 layers."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(512, mlp_dim), torch.nn.BatchNorm1d(mlp_dim), torch.nn.ReLU(),
+        torch.nn.Linear(mlp_dim, mlp_dim), torch.nn.BatchNorm1d(mlp_dim), torch.nn.ReLU(),
+        torch.nn.Linear(mlp_dim, emb), torch.nn.BatchNorm1d(emb, affine=False))
+
+
+def resa_cifar_step(nets, views, m, tau=0.4):
+    """resa_cifar's ReSA.forward on one process: online branch on every view, EMA with
+    coefficient m, momentum branch on views 0 and 1, Sinkhorn on h·h'ᵀ (in float64
+    here), cross-entropy over q != v."""
+    encoder, projector, momentum_encoder, momentum_projector = nets
+    h = [encoder(x) for x in views]
+    z = [F.normalize(projector(x)) for x in h]
+    h0 = F.normalize(h[0]).detach()
+    with torch.no_grad():
+        for online, momentum in ((encoder, momentum_encoder), (projector, momentum_projector)):
+            for p, p_m in zip(online.parameters(), momentum.parameters()):
+                p_m.data = p_m.data * m + p.data * (1 - m)
+        h_m = [momentum_encoder(x) for x in views[:2]]
+        z_m = [F.normalize(momentum_projector(x)) for x in h_m]
+        assign = torch.tensor(dense_sinkhorn((h0 @ F.normalize(h_m[0]).t()).tolist()),
+                              dtype=torch.float64)
+    terms = [-(assign * F.log_softmax(z[q] @ z_m[v].t() / tau, dim=1)).sum(1).mean()
+             for q in range(len(z)) for v in range(len(z_m)) if q != v]
+    return sum(terms) / len(terms)
+
+
+def test_cifar10_step_equals_resa_cifars_network(one_thread):
+    """main.py's CIFAR-10 model (resnet18, no predictor) against an independent
+    reference of resa_cifar's network with the same weights copied by name: features,
+    EMA, loss and gradients of a step, in float64. Our Sinkhorn runs in float32 (SPEC
+    §3): with a float64 one the two agree exactly; as it is, to ~2e-7 in the loss."""
+    args = get_args(["--dataset", "cifar10", "--mlp_dim", "64", "--emb", "32"])
+    assert (args.arch, args.pred, args.stem) == ("resnet18", False, "cifar")
+    torch.manual_seed(0)
+    model = get_method(args).double()
+    model.momentum = 0.9
+    encoder, projector = ResaCifarEncoder(), resa_cifar_projector(64, 32)
+    momentum_encoder, momentum_projector = ResaCifarEncoder(), resa_cifar_projector(64, 32)
+    for ours, theirs in ((model.encoder, encoder.net), (model.projector, projector),
+                         (model.momentum_encoder, momentum_encoder.net),
+                         (model.momentum_projector, momentum_projector)):
+        theirs.load_state_dict(ours.state_dict())  # strict: the same names
+    with torch.no_grad():  # momentum weights unlike the online ones, so the EMA shows
+        for p in model.momentum_parameters():
+            p.mul_(0.5)
+        for net in (momentum_encoder, momentum_projector):
+            for p in net.parameters():
+                p.mul_(0.5)
+    nets = [net.double() for net in (encoder, projector, momentum_encoder, momentum_projector)]
+    generator = torch.Generator().manual_seed(1)
+    views = [torch.randn(4, 3, 32, 32, generator=generator, dtype=torch.float64)
+             for _ in range(2)]
+    with torch.no_grad():
+        torch.testing.assert_close(model.encoder.eval()(views[0]), encoder.eval()(views[0]),
+                                   rtol=0, atol=1e-10)
+    model.train(), encoder.train()
+    loss, expected = model(views), resa_cifar_step(nets, views, 0.9)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(model.momentum_encoder.conv1.weight,
+                               momentum_encoder.net.conv1.weight, rtol=0, atol=1e-12)
+    loss.backward(), expected.backward()
+    for ours, theirs in ((model.encoder.conv1, encoder.net.conv1),
+                         (model.encoder.layer4[1].conv2, encoder.net.layer4[1].conv2),
+                         (model.projector[0], projector[0])):
+        scale = theirs.weight.grad.abs().max().item()  # float32 Sinkhorn: ~2e-6 of it
+        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=0,
+                                   atol=1e-5 * scale)
