@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from src.data import CIFAR_RECIPE, DATASETS, dataset_info
+from src.data import DATASETS, RESA_CIFAR_DATASETS, dataset_info
 from src.models import ARCHS
 from src.optim import PRECISIONS
 
@@ -63,8 +63,8 @@ FLAGS = [
         type=str, default=None, choices=PRECISIONS,
         help="fp16 = float16 autocast with loss scaling (CUDA only), bf16 = bfloat16 "
         "autocast (CUDA or CPU), fp32 = no autocast; Sinkhorn-Knopp is fp32 in every mode "
-        "(default: fp16 for main.py on CUDA, the authors' choice; fp32 for the CIFAR "
-        "recipe, for eval_linear.py and eval_knn.py, and on CPU)")),
+        "(default: fp16 for main.py on CUDA, the authors' choice; fp32 for resa_cifar's "
+        "recipe (cifar10/cifar100/stl10), for eval_linear.py and eval_knn.py, and on CPU)")),
 
     ("speed", MAIN | LINEAR, ("--channels_last",), dict(
         type=str2bool, default=None,
@@ -102,7 +102,7 @@ FLAGS = [
     ("data", ALL, ("--crops_size",), dict(
         type=int, nargs="+", default=None,
         help="crop resolution per group; the weak view and the evaluations use the first "
-        "(default: 224; 32 on CIFAR/fashion_mnist/demo, 96 on stl10)")),
+        "(default: 224; 32 on cifar10/cifar100/stl10/fashion_mnist/demo)")),
     ("data", MAIN, ("--crops_min_scale",), dict(
         type=float, nargs="+", default=[0.2], help="RandomResizedCrop lower scale per group")),
     ("data", MAIN, ("--crops_max_scale",), dict(
@@ -124,13 +124,15 @@ FLAGS = [
 
     ("architecture", ALL, ("-a", "--arch"), dict(
         type=str, default=None, choices=ARCHS, metavar="ARCH",
-        help="encoder: " + ", ".join(ARCHS) + " (default: resnet50; resnet18 on CIFAR, "
-        "fashion_mnist and demo)")),
+        help="encoder: " + ", ".join(ARCHS) + " (default: resnet50 on imagenet, resnet18 "
+        "elsewhere)")),
     ("architecture", ALL, ("--stem",), dict(
         type=str, default=None, choices=("imagenet", "cifar"),
-        help="imagenet = 7x7 stride-2 conv and max-pool; cifar = 3x3 stride-1 conv, no "
-        "max-pool (4x the resolution inside the network, about 6x the cost) (default: cifar "
-        "on cifar10/cifar100/fashion_mnist, imagenet elsewhere); evaluate with the stem "
+        help="imagenet = 7x7 stride-2 conv and max-pool; cifar = resa_cifar's 3x3 stride-1 "
+        "conv zero-padding by 2, no max-pool (a 32 px image gives 34x34 maps through "
+        "layer1 instead of 8x8, about 6x the cost) (default: cifar on "
+        "cifar10/cifar100/fashion_mnist, imagenet elsewhere, stl10 included as in "
+        "resa_cifar); evaluate with the stem "
         "the encoder was trained with")),
     ("architecture", MAIN, ("--mlp_layers",), dict(
         type=int, default=3, help="number of Linear layers in the projector")),
@@ -141,26 +143,29 @@ FLAGS = [
     ("architecture", MAIN, ("--pred",), dict(
         dest="pred", action="store_const", const=True, default=None,
         help="train with a predictor on the online branch (default: on, except on "
-        "cifar10/cifar100, where the authors' CIFAR code has none)")),
+        "cifar10/cifar100/stl10, where resa_cifar has none)")),
     ("architecture", MAIN, ("--no_pred",), dict(
         dest="pred", action="store_const", const=False,
         help="train without the predictor")),
 
     ("optimization", MAIN | LINEAR, ("--epochs",), dict(
-        type=int, default=None, help="training epochs (default: 100; 1000 on CIFAR)")),
+        type=int, default=None,
+        help="training epochs (default: 100; 1000 on cifar10/cifar100/stl10)")),
     ("optimization", ALL, ("--batch_size",), dict(
         type=int, default=256,
         help="batch size per process (B); the total batch is B x world size")),
     ("optimization", MAIN, ("--lr",), dict(
         type=float, default=None,
-        help="base learning rate, scaled by total batch / 256 (default: 0.5; 0.3 on CIFAR)")),
+        help="base learning rate, scaled by total batch / 256 (default: 0.5; 0.3 on "
+        "cifar10/cifar100/stl10)")),
     ("optimization", MAIN, ("--final_lr",), dict(
         type=float, default=None,
         help="learning rate at the end of the cosine, absolute (default: 0.1 x the scaled "
         "lr)")),
     ("optimization", MAIN, ("--wd", "--weight_decay"), dict(
         dest="wd", type=float, default=None,
-        help="weight decay on all parameters (default: 1e-5; 1e-4 on CIFAR)")),
+        help="weight decay on all parameters (default: 1e-5; 1e-4 on "
+        "cifar10/cifar100/stl10)")),
     ("optimization", MAIN, ("--optimizer",), dict(
         type=str, default="sgd", choices=("sgd", "adamw"), help="SGD uses momentum 0.9")),
     ("optimization", MAIN, ("--warmup_epochs",), dict(
@@ -270,10 +275,10 @@ def build_parser(script="main", own_flags=()):
 def resolve_defaults(args):
     """Fill the defaults that depend on the dataset (as the authors' two repositories
     do), on the script and on the device."""
-    cifar = args.dataset in CIFAR_RECIPE
+    cifar = args.dataset in RESA_CIFAR_DATASETS  # the recipe of the authors' resa_cifar
     info = dataset_info(args.dataset)
     if args.arch is None:
-        args.arch = "resnet50" if args.dataset in ("imagenet", "stl10") else "resnet18"
+        args.arch = "resnet50" if args.dataset == "imagenet" else "resnet18"
     if args.epochs is None:
         args.epochs = 1000 if cifar else 100
     if args.lr is None:

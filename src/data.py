@@ -22,9 +22,12 @@ from src.demo_data import ensure_demo_dataset
 from src.errors import UsageError
 
 DATASETS = ('imagenet', 'cifar10', 'cifar100', 'stl10', 'fashion_mnist', 'demo')
-CIFAR_RECIPE = ('cifar10', 'cifar100')   # SPEC §7: the authors' CIFAR repository
+RESA_CIFAR_DATASETS = ('cifar10', 'cifar100', 'stl10')   # SPEC §7: the authors' resa_cifar
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# resa_cifar's monitor (eval/dataloader.py) normalises CIFAR-10 *and* CIFAR-100 with
+# CIFAR-10's statistics, its std written with three decimals
+RESA_CIFAR_MONITOR_NORM = ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'   # Debian dataset-fashion-mnist
 FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
                          'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
@@ -42,13 +45,17 @@ class DatasetInfo:
     small_images: bool      # True: encoder uses the CIFAR stem (3x3 conv, no max-pool)
     blur_prob: float        # Gaussian blur probability of the strong views
     num_classes: int
+    monitor_norm: tuple = None   # (mean, std) of the online monitor's images, if not those
 
 
 _INFO = {
     'imagenet': DatasetInfo(IMAGENET_MEAN, IMAGENET_STD, 224, False, 0.5, 1000),
-    'cifar10': DatasetInfo((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 32, True, 0.0, 10),
-    'cifar100': DatasetInfo((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 32, True, 0.0, 100),
-    'stl10': DatasetInfo((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), 96, False, 0.5, 10),
+    'cifar10': DatasetInfo((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 32, True, 0.0, 10,
+                           RESA_CIFAR_MONITOR_NORM),
+    'cifar100': DatasetInfo((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 32, True, 0.0, 100,
+                            RESA_CIFAR_MONITOR_NORM),
+    # resa_cifar's STL-10: 32 px crops of the 96 px images with the ImageNet stem, no blur
+    'stl10': DatasetInfo((0.43, 0.42, 0.39), (0.27, 0.26, 0.27), 32, False, 0.0, 10),
     'fashion_mnist': DatasetInfo((0.2860,) * 3, (0.3530,) * 3, 32, True, 0.0, 10),
     'demo': DatasetInfo(IMAGENET_MEAN, IMAGENET_STD, 32, False, 0.0, DEMO_NUM_CLASSES),
 }
@@ -148,11 +155,14 @@ class MultiCropTransform:
 
 def build_eval_transform(info, crop, kind):
     """Image -> normalised tensor for evaluation: 'plain' (no randomness, bicubic
-    resize: k-NN and feature extraction, SPEC §6), 'val' (the same with the bilinear
-    resize of the linear probe's validation, SPEC §5) or 'train_aug' (linear probe
-    training)."""
-    if kind not in ('plain', 'val', 'train_aug'):
-        raise ValueError(f'kind must be "plain", "val" or "train_aug", not {kind!r}')
+    resize: k-NN and feature extraction, SPEC §6), 'val' (plain with the bilinear
+    resize of the linear probe's validation, SPEC §5), 'train_aug' (linear probe
+    training) or 'monitor' (plain, normalised as resa_cifar's monitor does, SPEC §7)."""
+    if kind not in ('plain', 'val', 'train_aug', 'monitor'):
+        raise ValueError(f'kind must be "plain", "val", "train_aug" or "monitor", not {kind!r}')
+    mean, std = info.mean, info.std
+    if kind == 'monitor':
+        kind, (mean, std) = 'plain', info.monitor_norm or (mean, std)
     if info.small_images:
         # Resize/CenterCrop leave an image that already has the crop size unchanged
         # (CIFAR 32 -> 32); they only act on other sizes (fashion_mnist 28 -> 32).
@@ -164,7 +174,7 @@ def build_eval_transform(info, crop, kind):
         ops = [T.Resize(round(crop * 256 / 224), interpolation=resample), T.CenterCrop(crop)]
     else:
         ops = [T.RandomResizedCrop(crop), T.RandomHorizontalFlip()]
-    return T.Compose([ToRGB(), *ops, T.ToTensor(), T.Normalize(info.mean, info.std)])
+    return T.Compose([ToRGB(), *ops, T.ToTensor(), T.Normalize(mean, std)])
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -324,7 +334,8 @@ def build_pretrain_dataset(args):
 
 def build_eval_dataset(args, split, kind):
     """(image tensor, label) items of `split` ('train' or 'val' = test split), with the
-    'plain', 'val' or 'train_aug' transform (see `build_eval_transform`); never truncated.
+    'plain', 'monitor', 'val' or 'train_aug' transform (see `build_eval_transform`); never
+    truncated.
 
     ImageFolder datasets come back as ImageFolders (`.classes`, `.samples`, `.targets`);
     the others have at least `.classes` and `.targets`.

@@ -134,21 +134,17 @@ def knn_eval(train_features, train_labels, test_features, test_labels, ks, T, nu
 
 @torch.no_grad()
 def euclid_knn_predict(train_x, train_y, test_x, num_classes, k=5):
-    """Majority vote of the k Euclidean-nearest training rows (k <= 60).
-
-    Ties go to the class that holds the nearest neighbour: each neighbour j (0 = the
-    nearest) adds 2^k + 2^(k-1-j) to its class, so counts decide first and, among equal
-    counts, the integer comparison is the lexicographic one of the neighbours' ranks.
-    """
+    """Majority vote of the k Euclidean-nearest training rows, as resa_cifar's monitor
+    votes (SPEC §7): among classes with equal counts the smallest class id wins (their
+    first maximum of `unique(return_counts=True)`; argmax returns the first maximum)."""
     k = min(k, train_x.shape[0])
-    weights = 2 ** k + 2 ** torch.arange(k - 1, -1, -1, device=train_x.device)
     rows = max(1, MAX_DISTANCES // max(train_x.shape[0], 1))
     predictions = []
     for start in range(0, test_x.shape[0], rows):
         distances = torch.cdist(test_x[start:start + rows], train_x)
         labels = train_y[distances.topk(k, dim=1, largest=False).indices]
-        scores = torch.zeros(labels.shape[0], num_classes, dtype=torch.long,
+        counts = torch.zeros(labels.shape[0], num_classes, dtype=torch.long,
                              device=labels.device)
-        scores.scatter_add_(1, labels, weights.expand_as(labels))
-        predictions.append(scores.argmax(dim=1))
+        counts.scatter_add_(1, labels, torch.ones_like(labels))
+        predictions.append(counts.argmax(dim=1))
     return torch.cat(predictions) if predictions else test_x.new_zeros(0, dtype=torch.long)

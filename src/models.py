@@ -22,7 +22,7 @@ RESNETS = {
     "resnet200x2": (Bottleneck, [3, 24, 36, 3], 2),
 }
 ARCHS = tuple(RESNETS)
-PLAIN_INIT_RESNET18 = ("cifar10", "cifar100", "fashion_mnist", "demo")
+PLAIN_INIT_RESNET18 = ("cifar10", "cifar100", "stl10", "fashion_mnist", "demo")
 
 
 class WideResNet(ResNet):
@@ -88,7 +88,8 @@ def build_encoder(arch, small_images=False, zero_init_residual=False):
 def pretraining_encoder(arch, dataset, stem=None):
     """(encoder, feature_dim) to pretrain on `dataset`: the `stem` asked for (default:
     CIFAR's for small images) and zero-init residual BNs (SPEC §2), except resnet18 on
-    the CIFAR-sized datasets, which the authors' CIFAR code trains without."""
+    resa_cifar's datasets (STL-10 included) and the other small ones, which resa_cifar
+    trains without."""
     zero_init = not (arch == "resnet18" and dataset in PLAIN_INIT_RESNET18)
     small = dataset_info(dataset).small_images if stem is None else stem == "cifar"
     return build_encoder(arch, small, zero_init)

@@ -3,7 +3,9 @@
 Every few epochs main.py measures how well the momentum encoder's features of the
 un-augmented train and test images classify, with three cheap probes that need no
 extra training run: Euclidean 5-NN (the authors' CIFAR protocol), DINO's weighted
-k-NN, and a linear classifier trained on the features held in memory. With the
+k-NN, and a linear classifier trained on the features held in memory. The images are
+normalised as resa_cifar's monitor normalises them: with CIFAR-10's statistics on
+CIFAR-10 and CIFAR-100 alike (`DatasetInfo.monitor_norm`). With the
 momentum projector it also follows the paper's clustering properties (SPEC §9) of the
 encoding H and the embedding Z: the silhouette and the k-means ARI, on a fixed
 subset of the test features small enough to cost little against an epoch.
@@ -64,7 +66,7 @@ class OnlineMonitor:
     def __init__(self, args, classifier_epochs=500):
         self.args = args
         self.classifier_epochs = classifier_epochs
-        self.train, self.test = eval_datasets(args, "plain")
+        self.train, self.test = eval_datasets(args, "monitor", "monitor")
         self.wknn_k = nearest_k(args.nb_knn)
 
     def features(self, encoder, dataset, name):

@@ -1,6 +1,7 @@
 """Shared pieces of the evaluation tests: tiny generated ImageFolders, checkpoints,
 and a runner that starts the scripts the way users do (a subprocess in the repo)."""
 import os
+import pickle
 import shutil
 import socket
 import subprocess
@@ -41,9 +42,10 @@ def fast_flags(data, dump, *extra):
             "--dump_path", str(dump), *map(str, extra)]
 
 
-def run_script(script, *args, launcher=(sys.executable,), timeout=300):
-    """Run `launcher script args` from the repo root; returns the CompletedProcess."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+def run_script(script, *args, launcher=(sys.executable,), timeout=300, env=None):
+    """Run `launcher script args` from the repo root, with the variables `env` added to
+    the environment; returns the CompletedProcess."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return subprocess.run([*launcher, script, *map(str, args)], cwd=REPO, env=env,
@@ -111,3 +113,43 @@ def extraction_worker(rank, world_size, init_file, out_dir, dataset, batch_size,
                     "training": encoder.training}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+STAND_INS = REPO / "tests" / "stand_ins"  # a `wandb` stand-in that records its calls
+
+
+def make_fake_cifar100(root, train=48, test=24, classes=4, seed=0):
+    """root/cifar-100-python as torchvision's CIFAR100 reads it (pickled dicts of
+    uint8 rows of 3x32x32 pixels, fine and coarse labels, meta), with a few noise
+    images of the first `classes` classes. Returns (train pixels, test pixels) as
+    N x 32 x 32 x 3 arrays, the layout torchvision gives."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = {}
+    for split, count in (("train", train), ("test", test)):
+        rows = rng.integers(0, 256, (count, 3 * 32 * 32), dtype=np.uint8)
+        fine = [i % classes for i in range(count)]
+        with open(folder / split, "wb") as f:
+            pickle.dump({"data": rows, "fine_labels": fine,
+                         "coarse_labels": [label // 2 for label in fine],
+                         "filenames": [f"{split}_{i}.png" for i in range(count)],
+                         "batch_label": split}, f)
+        pixels[split] = rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"class{i}" for i in range(100)],
+                     "coarse_label_names": [f"super{i}" for i in range(20)]}, f)
+    return pixels["train"], pixels["test"]
+
+
+def make_fake_stl10(root, train=20, unlabeled=30, test=10, seed=0):
+    """root/stl10_binary as torchvision's STL10 reads it: column-major 3x96x96 uint8
+    images, 1-based uint8 labels, class_names.txt."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "stl10_binary"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, count in (("train", train), ("unlabeled", unlabeled), ("test", test)):
+        rng.integers(0, 256, count * 3 * 96 * 96, dtype=np.uint8).tofile(folder / f"{name}_X.bin")
+        if name != "unlabeled":
+            np.array([1 + i % 10 for i in range(count)], np.uint8).tofile(folder / f"{name}_y.bin")
+    (folder / "class_names.txt").write_text("".join(f"class{i}\n" for i in range(10)))

@@ -136,7 +136,6 @@ def test_dataset_info():
                for n in ('cifar10', 'cifar100', 'fashion_mnist'))
     # the demo goes through the ImageNet path (stem included) at 32 px, without blur
     assert not dataset_info('demo').small_images and dataset_info('demo').blur_prob == 0.0
-    assert dataset_info('stl10').crop_size == 96
     with pytest.raises(UsageError, match='unknown dataset'):
         dataset_info('mnist')
 
@@ -406,3 +405,29 @@ def test_torchvision_dataset_offline_is_a_usage_error(name, module, tmp_path, mo
         build_pretrain_dataset(make_args(dataset=name, data_path=str(tmp_path)))
     assert timeouts == [data.DOWNLOAD_TIMEOUT_S]       # the download ran with a timeout
     assert socket.getdefaulttimeout() == before        # ... which was restored
+
+
+def test_stl10_is_resa_cifars_recipe(tmp_path, monkeypatch):
+    """resa_cifar's STL-10 run: train+unlabeled, 32 px crops, resnet18 with the ImageNet
+    stem and plain initialisation, no predictor, fp32, no blur, its mean and std."""
+    from torchvision.datasets import stl10
+    from args import get_args
+    from helpers_eval import make_fake_stl10
+    from method import get_method
+    monkeypatch.setattr(stl10, 'check_integrity', lambda *args, **kwargs: True)
+    make_fake_stl10(tmp_path, train=20, unlabeled=30, test=10)
+    assert dataset_info('stl10') == DatasetInfo((0.43, 0.42, 0.39), (0.27, 0.26, 0.27), 32,
+                                                False, 0.0, 10)
+    args = get_args(['--dataset', 'stl10', '--data_path', str(tmp_path), '--mlp_dim', '16',
+                     '--emb', '8'])
+    assert (args.arch, args.epochs, args.lr, args.wd, args.warmup_epochs, args.crops_size,
+            args.pred, args.stem, args.precision) == (
+        'resnet18', 1000, 0.3, 1e-4, 2, [32], False, 'imagenet', 'fp32')
+    pretrain = build_pretrain_dataset(args)
+    assert len(pretrain) == 50  # train + unlabeled
+    assert [tuple(v.shape) for v in pretrain[0]] == [(3, 32, 32)] * 2
+    assert len(build_eval_dataset(args, 'train', 'monitor')) == 20
+    assert len(build_eval_dataset(args, 'val', 'monitor')) == 10
+    model = get_method(args)
+    assert model.predictor is None and model.encoder.conv1.kernel_size == (7, 7)
+    assert all(block.bn2.weight.eq(1).all() for block in model.encoder.layer1)  # no zero-init

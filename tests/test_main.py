@@ -110,7 +110,7 @@ def test_precision_defaults_per_script_and_dataset(monkeypatch):
     from src.optim import AmpOptimizer
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     expected = {("main", "imagenet"): "fp16", ("main", "demo"): "fp16",
-                ("main", "cifar10"): "fp32", ("main", "cifar100"): "fp32",
+                ("main", "cifar10"): "fp32", ("main", "cifar100"): "fp32", ("main", "stl10"): "fp32",
                 ("eval_linear", "imagenet"): "fp32", ("eval_knn", "imagenet"): "fp32"}
     for (script, dataset), precision in expected.items():
         args = get_args(["--dataset", dataset], script)

@@ -25,27 +25,34 @@ def points(*xs):
 
 @pytest.mark.parametrize("labels, expected", [
     ([0, 0, 1, 1, 1, 0], 1),  # plain majority: three 1s beat the two nearest 0s
-    ([1, 0, 0, 2, 2, 0], 0),  # 0 and 2 tie with two votes; 0 holds the nearer neighbour
-    ([1, 2, 0, 2, 0, 0], 2),  # same tie, now 2 is nearer: not simply the lowest label
+    ([1, 0, 0, 2, 2, 0], 0),  # 0 and 2 tie with two votes: the smaller class id wins
+    ([1, 2, 0, 2, 0, 0], 0),  # the same tie with a 2 nearer: still 0, the smaller id
+    ([2, 1, 2, 1, 0, 2], 1),  # 2 holds the nearest neighbour, 1 ties it and wins
+    ([4, 3, 3, 4, 0, 4], 3),  # 3 and 4 tie (the sixth, far away, does not vote)
 ])
-def test_euclid_5nn_majority_vote_and_ties(labels, expected):
+def test_euclid_5nn_majority_vote_ties_go_to_the_smallest_class(labels, expected):
+    """resa_cifar's vote: the first maximum of unique(return_counts=True), whose values
+    are sorted, so among equal counts the smallest class id."""
     # distances to the test point 0 are 0.1 < 0.2 < 0.3 < 0.4 < 0.5 < 3 (sixth is too far)
     train = points(0.1, -0.2, 0.3, -0.4, 0.5, 3.0)
-    prediction = euclid_knn_predict(train, torch.tensor(labels), points(0), num_classes=3)
+    prediction = euclid_knn_predict(train, torch.tensor(labels), points(0), num_classes=5)
     assert prediction.tolist() == [expected]
 
 
-def test_euclid_chunks_give_the_same_predictions(monkeypatch):
+def test_euclid_chunks_give_resa_cifars_predictions(monkeypatch):
     generator = torch.Generator().manual_seed(0)
     train, test = torch.randn(200, 6, generator=generator), torch.randn(37, 6, generator=generator)
     labels = torch.randint(0, 4, (200,), generator=generator)
     whole = euclid_knn_predict(train, labels, test, 4)
     monkeypatch.setattr(knn, "MAX_DISTANCES", 1000)  # 5 test rows per block
     assert torch.equal(euclid_knn_predict(train, labels, test, 4), whole)
-    brute = [torch.bincount(labels[(train - row).norm(dim=1).argsort()[:5]], minlength=4)
-             for row in test]
-    counts = torch.stack(brute)
-    assert (counts.gather(1, whole.view(-1, 1)).squeeze(1) == counts.max(dim=1).values).all()
+    # their eval/evaluate.py, row by row (4 classes and 5 votes: many ties)
+    neighbours = labels[torch.cdist(test, train).topk(5, dim=1, largest=False).indices]
+    theirs = []
+    for row in neighbours:
+        values, counts = row.unique(return_counts=True)
+        theirs.append(values[counts.argmax()].item())
+    assert whole.tolist() == theirs
 
 
 def blobs(n_per_class, seed, dim=12, classes=3):
@@ -85,7 +92,7 @@ def blob_monitor(monkeypatch, test_shift=0):
     test = TensorImages(test_x.view(-1, 3, 2, 2), (test_y + test_shift) % 3, 3)
     kinds = []
     monkeypatch.setattr(monitor, "eval_datasets",
-                        lambda args, kind: kinds.append(kind) or (train, test))
+                        lambda args, *kind: kinds.append(kind) or (train, test))
     return OnlineMonitor(monitor_args(), classifier_epochs=300), test_x, test, kinds
 
 
@@ -95,7 +102,7 @@ def test_evaluate_returns_the_three_probes_of_the_encoder(monkeypatch):
     test_y = torch.tensor(test.targets)
     encoder = nn.Sequential(nn.Flatten()).train()
     results = probe.evaluate(encoder)
-    assert kinds == ["plain"] and encoder.training
+    assert kinds == [("monitor", "monitor")] and encoder.training
     assert set(results) == {*PROBES, "sc_encoding", "ari_encoding"}  # no projector, no Z
     wknn, _ = knn_classifier(F.normalize(train_x), train_y, F.normalize(test_x), test_y, 25,
                              T=0.07, num_classes=3)
@@ -140,7 +147,7 @@ def test_clustering_scores_use_a_fixed_seeded_subset(monkeypatch):
 
 @pytest.mark.parametrize("nb_knn, k", [([5, 15, 25], 15), ([20], 20), ([100, 10], 10)])
 def test_weighted_knn_uses_20_or_the_nearest_k(nb_knn, k, monkeypatch):
-    monkeypatch.setattr(monitor, "eval_datasets", lambda args, kind: (None, None))
+    monkeypatch.setattr(monitor, "eval_datasets", lambda args, *kinds: (None, None))
     assert OnlineMonitor(monitor_args(nb_knn=nb_knn)).wknn_k == k
 
 
@@ -159,3 +166,28 @@ def test_monitor_on_an_image_folder_is_deterministic(image_folder, tmp_path):
     assert all(0.0 <= first[k] <= 100.0 for k in ("knn5_euclid_top1", "wknn20_top1",
                                                   "linear_top1"))
     assert -1 <= first["sc_encoding"] <= 1 and -1 <= first["ari_encoding"] <= 1
+
+
+def test_monitor_normalises_cifar100_with_cifar10_statistics(tmp_path, monkeypatch):
+    """resa_cifar's eval/dataloader.py normalises the monitor's CIFAR-100 images with
+    CIFAR-10's mean and std, the std written (0.247, 0.243, 0.261); the evaluation
+    scripts keep the statistics the network was pretrained with."""
+    from torchvision.datasets import cifar
+    from helpers_eval import make_fake_cifar100
+    from src.eval_data import eval_datasets
+    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
+    train_pixels, test_pixels = make_fake_cifar100(tmp_path)
+    args = get_args(["--dataset", "cifar100", "--data_path", str(tmp_path), "--workers", "0"])
+    probe = OnlineMonitor(args)
+
+    def normalised(pixels, mean, std):
+        image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255
+        return (image - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    cifar10 = ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
+    for dataset, pixels in ((probe.train, train_pixels), (probe.test, test_pixels)):
+        image, label = dataset[3]
+        assert label == 3
+        torch.testing.assert_close(image, normalised(pixels[3], *cifar10))
+    train, _ = eval_datasets(args, "plain")
+    torch.testing.assert_close(train[3][0], normalised(
+        train_pixels[3], (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)))
