@@ -62,9 +62,20 @@ FLAGS = [
     ("run", ALL, ("--precision",), dict(
         type=str, default=None, choices=PRECISIONS,
         help="fp16 = float16 autocast with loss scaling (CUDA only), bf16 = bfloat16 "
-        "autocast (CUDA or CPU), fp32 = no autocast; Sinkhorn-Knopp is fp32 in every mode "
-        "(default: fp16 for main.py on CUDA, the authors' choice; fp32 for resa_cifar's "
-        "recipe (cifar10/cifar100/stl10), for eval_linear.py and eval_knn.py, and on CPU)")),
+        "autocast (CUDA or CPU), fp32 = no autocast; in main.py Sinkhorn-Knopp is fp32 in "
+        "every mode; in eval_knn.py and clusters.py the encoder runs under it and the "
+        "features are kept in fp32 (default: fp16 for main.py on CUDA, the authors' "
+        "choice; fp32 for resa_cifar's recipe (cifar10/cifar100/stl10), for the "
+        "evaluations, and on CPU)")),
+    ("run", MAIN | LINEAR, ("--wandb_project",), dict(
+        type=str, default=None,
+        help="also log the TensorBoard scalars to this Weights & Biases project (rank 0; "
+        "needs the optional wandb package; WANDB_MODE=offline logs without network); a "
+        "restart continues the same W&B run, whose id is kept in --dump_path (default: "
+        "resa_cifar for main.py on cifar10/cifar100/stl10, as resa_cifar does, else off; "
+        "'' = off)")),
+    ("run", MAIN | LINEAR, ("--env_name",), dict(
+        type=str, default="resa_cifar", help="name of the Weights & Biases run")),
 
     ("speed", MAIN | LINEAR, ("--channels_last",), dict(
         type=str2bool, default=None,
@@ -300,6 +311,8 @@ def resolve_defaults(args):
         args.crops_size = [info.crop_size]
     if args.num_classes is None:
         args.num_classes = info.num_classes
+    if args.wandb_project is None:
+        args.wandb_project = "resa_cifar" if args.script == "main" and cifar else ""
     if args.data_path is None and args.dataset != "imagenet":
         args.data_path = "./data/demo" if args.dataset == "demo" else "./data"
     args.weight_decay = args.wd  # the authors' attribute name

@@ -202,7 +202,7 @@ def linear_eval(args):
         if frozen:
             loaded = resumed_reference(model.encoder, loaded, args, checkpoint["source"])
     loop.writer = writer = ScalarWriter(os.path.join(args.dump_path, "tb"),
-                                        is_main_process(), purge_step=loop.step)
+                                        is_main_process(), purge_step=loop.step, args=args)
     try:
         with loop:
             while loop.epoch < args.epochs:

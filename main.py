@@ -86,7 +86,7 @@ def pretrain(args):
         log.info(f"resumed from {checkpoint['source']} at epoch {loop.epoch + 1}, "
                  f"iteration {loop.iteration}")
     loop.writer = writer = ScalarWriter(os.path.join(args.dump_path, "tb"),
-                                        is_main_process(), purge_step=loop.step)
+                                        is_main_process(), purge_step=loop.step, args=args)
     model.train()
     try:
         with loop:

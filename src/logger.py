@@ -1,10 +1,13 @@
-"""Logging on rank 0 only: `out.log` + stdout for text, TensorBoard for scalars."""
+"""Logging on rank 0 only: `out.log` + stdout for text, TensorBoard (and, when asked
+and installed, Weights & Biases) for scalars."""
 import json
 import logging
 import os
+import secrets
 import sys
 
 LOGGER_NAME = "resa"
+WANDB_RUN = "wandb_run.json"   # in --dump_path: the W&B run that a restart continues
 
 
 def setup_logging(dump_path, rank):
@@ -47,19 +50,65 @@ class ScalarWriter:
     Every scalar's step is the global training iteration. A resumed run passes the step
     it resumes from (0 for a run that starts afresh) as `purge_step`: TensorBoard then
     drops what an interrupted run had logged from that step on, so each step shows once.
+    With the run's `args`, whose `wandb_project` is set, the same scalars (same names
+    and steps) also go to Weights & Biases (see `start_wandb`).
     """
 
-    def __init__(self, log_dir, enabled, purge_step=None):
-        self.writer = None
+    def __init__(self, log_dir, enabled, purge_step=None, args=None):
+        self.writer = self.wandb = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter  # slow import: only on rank 0
             self.writer = SummaryWriter(log_dir, purge_step=purge_step)
+            if args is not None and args.wandb_project:
+                self.wandb = start_wandb(args, resumed=bool(purge_step))
 
     def add(self, step, prefix="", **scalars):
         if self.writer is not None:
             for name, value in scalars.items():
                 self.writer.add_scalar(prefix + name, value, step)
+        if self.wandb is not None:
+            self.wandb.log({prefix + name: value for name, value in scalars.items()}, step=step)
 
     def close(self):
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def start_wandb(args, resumed):
+    """The W&B run of project `args.wandb_project` named `args.env_name`, or None when
+    the optional wandb package is missing or W&B does not start (then TensorBoard
+    alone). Its id is kept in dump_path/wandb_run.json: a resumed run continues that
+    W&B run (steps W&B already holds are not rewritten), a fresh start begins a new
+    one. WANDB_MODE=offline is wandb's own setting: it logs into dump_path/wandb with
+    no network."""
+    log = get_logger()
+    try:
+        import wandb
+    except ImportError:
+        log.info("wandb is not installed: the scalars go to TensorBoard only (pip install "
+                 "wandb to mirror them to Weights & Biases)")
+        return None
+    from src.checkpoint import plain_args  # src.checkpoint imports this module
+    run_id = (resumed and saved_wandb_id(args.dump_path)) or secrets.token_hex(4)
+    save_results(args.dump_path, WANDB_RUN, {"id": run_id})
+    try:
+        run = wandb.init(project=args.wandb_project, name=args.env_name, id=run_id,
+                         resume="allow", dir=args.dump_path, config=plain_args(args))
+    except Exception as err:  # no network, no login, a wandb error: TensorBoard goes on
+        log.warning(f"Weights & Biases did not start ({type(err).__name__}: {err}); the "
+                    f"scalars go to TensorBoard only (WANDB_MODE=offline needs no network)")
+        return None
+    log.info(f"Weights & Biases: project {args.wandb_project}, run {args.env_name} (id "
+             f"{run_id}, {'continued' if resumed else 'new'})")
+    return run
+
+
+def saved_wandb_id(dump_path):
+    """The W&B run id kept in dump_path/wandb_run.json, or None (no file, unreadable)."""
+    try:
+        with open(os.path.join(dump_path, WANDB_RUN)) as f:
+            return json.load(f).get("id")
+    except (OSError, ValueError, AttributeError):
+        return None
