@@ -223,8 +223,9 @@ FLAGS = [
         help="train on the standard ImageNet 1%% or 10%% subset")),
     ("evaluation", LINEAR, ("--train_files",), dict(
         type=str, default=None,
-        help="subset list (one training file name a line) for --train_percent 1/10; "
-        "without it the public SimCLR list is downloaded once into ~/.cache/resa")),
+        help="subset list (one training file name a line) for --train_percent 1/10 "
+        "(default: the public list shipped in src/imagenet_subset/, as the authors ship "
+        "it; nothing is downloaded)")),
     ("evaluation", LINEAR, ("--lr_encoder",), dict(
         type=float, default=2e-4,
         help="fine-tuning encoder base lr, scaled by total batch / 256")),

@@ -1,31 +1,26 @@
 """The standard ImageNet 1% / 10% training subsets (SPEC §5).
 
 A subset list is a text file of training-image file names, one a line
-(`n01440764_10026.JPEG`; the class is the text before the first `_`). The project does
-not ship the lists: they come from `--train_files` or are downloaded once from the
-public SimCLR release into a cache folder.
+(`n01440764_10026.JPEG`; the class is the text before the first `_`). The two public
+lists ship with the project in src/imagenet_subset/ (the same files as in the authors'
+repository), so `--train_percent 1|10` works offline; `--train_files` gives another.
 """
 import os
-import tempfile
-import urllib.request
 from pathlib import Path
 
 from src.errors import UsageError
 
-SUBSET_URL = ("https://raw.githubusercontent.com/google-research/simclr/master/"
-              "imagenet_subsets/{percent}percent.txt")
-DOWNLOAD_TIMEOUT_S = 20
+SHIPPED_DIR = Path(__file__).resolve().parent / "imagenet_subset"
 
 
-def cache_dir():
-    """`$XDG_CACHE_HOME/resa`, or `~/.cache/resa`."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "resa"
+def shipped_subset(percent):
+    """Path of the `{percent}percent.txt` list shipped with the project."""
+    return SHIPPED_DIR / f"{percent}percent.txt"
 
 
 def parse_subset(text, source):
     """The file names of a subset list; blank lines are skipped, anything that is not a
-    `<class>_<id>.<ext>` name is a UsageError (e.g. an HTML error page)."""
+    `<class>_<id>.<ext>` name is a UsageError (e.g. an HTML page saved by mistake)."""
     names = [line.strip() for line in text.splitlines() if line.strip()]
     bad = [n for n in names if "_" not in n or "/" in n or "." not in n]
     if not names or bad:
@@ -44,47 +39,17 @@ def read_subset(path):
     try:
         text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"cannot read --train_files {path}: {err}")
+        raise UsageError(f"cannot read the subset list {path}: {err}")
     return parse_subset(text, path)
 
 
-def download_subset(percent, timeout=DOWNLOAD_TIMEOUT_S):
-    """Path of the cached `{percent}percent.txt`, downloaded on first use.
-
-    The download goes to a temporary file that is renamed into place once checked, so
-    an interrupted or failed download never leaves a partial list in the cache.
-    """
-    target = cache_dir() / f"{percent}percent.txt"
-    if target.is_file():
-        return target
-    url = SUBSET_URL.format(percent=percent)
-    hint = (f"give the list with --train_files PATH, or put it at {target} "
-            f"(it is downloaded from {url} when the network allows)")
-    tmp = None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            text = response.read().decode("utf-8")
-        parse_subset(text, url)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except (OSError, ValueError, UsageError) as err:  # URLError and timeouts are OSErrors
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
-        raise UsageError(f"the ImageNet {percent}% subset list could not be downloaded "
-                         f"({type(err).__name__}: {err}); {hint}")
-    return target
-
-
 def subset_names(percent, train_files=None):
-    """The subset's file names, from `train_files` when given, else from the cache."""
+    """The subset's file names, from `train_files` when given, else the shipped list."""
     if train_files:
         if not os.path.isfile(train_files):
             raise UsageError(f"--train_files {train_files} does not exist")
         return read_subset(train_files)
-    return read_subset(download_subset(percent))
+    return read_subset(shipped_subset(percent))
 
 
 def select_subset(dataset, names):

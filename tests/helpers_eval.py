@@ -16,7 +16,6 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 REPO = Path(__file__).resolve().parents[1]
-SUBSET_DIR = Path(__file__).resolve().parents[2] / "shared" / "imagenet_subset"
 CLASSES = ("n01000001", "n01000002")
 
 

@@ -1,8 +1,10 @@
 """Linear probe, fine-tuning and the ImageNet subsets (SPEC §5)."""
-import io
 import json
+import os
 import re
-import urllib.error
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,13 +18,13 @@ import eval_linear
 from args import get_args
 from eval_linear import (Classifier, build_optimizer, changed_tensors, resumed_reference,
                          snapshot)
-from helpers_eval import (SUBSET_DIR, assert_ok, assert_usage_error, fast_flags,
-                          make_image_folder, run_script, torchrun)
+from helpers_eval import (REPO, assert_ok, assert_usage_error, fast_flags, make_image_folder,
+                          run_script, torchrun)
 from src import subsets
 from src.distributed import init_distributed
 from src.errors import UsageError
 from src.models import build_encoder
-from src.subsets import SUBSET_URL, parse_subset, select_subset, subset_names
+from src.subsets import parse_subset, select_subset, shipped_subset, subset_names
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -185,11 +187,6 @@ def test_bad_subset_names_and_small_num_classes(image_folder, tmp_path):
 
 # ------------------------------------------------------------------ subsets
 
-needs_public_lists = pytest.mark.skipif(
-    not (SUBSET_DIR / "1percent.txt").is_file(),
-    reason=f"the public subset lists are not at {SUBSET_DIR} (only CI has ../shared)")
-
-
 def synthetic_subset(classes=1000, per_class=13, seed=0):
     """Names shaped like the public lists (`n01440764_10026.JPEG`), `per_class` per class."""
     rng = np.random.default_rng(seed)
@@ -198,13 +195,21 @@ def synthetic_subset(classes=1000, per_class=13, seed=0):
             for i in rng.choice(1_300, per_class, replace=False)]
 
 
-@needs_public_lists
 @pytest.mark.parametrize("percent, count", [(1, 12_811), (10, 128_116)])
-def test_public_subset_lists_parse(percent, count):
-    names = subsets.read_subset(SUBSET_DIR / f"{percent}percent.txt")
+def test_the_shipped_lists_are_the_public_ones(percent, count):
+    """The authors' src/imagenet_subset/ lists, shipped here: --train_percent reads them
+    with no --train_files and no network; they are committed, not ignored."""
+    path = shipped_subset(percent)
+    assert path.parent == REPO / "src" / "imagenet_subset"
+    names = subset_names(percent)
+    assert names == subsets.read_subset(path)
     assert len(names) == len(set(names)) == count
     assert len({subsets.subset_class(n) for n in names}) == 1000
     assert "n01440764" in {subsets.subset_class(n) for n in names}
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=REPO)
+    if ignored.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert ignored.returncode == 1, f"{path} is ignored by git"
 
 
 def test_selection_on_a_real_folder_tree(tmp_path):
@@ -242,9 +247,8 @@ def test_selection_of_a_list_the_size_of_the_10_percent_list():
     selection_at_scale(names)
 
 
-@needs_public_lists
 def test_selection_of_the_full_10_percent_list():
-    names = subsets.read_subset(SUBSET_DIR / "10percent.txt")
+    names = subsets.read_subset(shipped_subset(10))
     assert len(names) == 128_116 and len({subsets.subset_class(n) for n in names}) == 1000
     selection_at_scale(names)
 
@@ -257,56 +261,41 @@ def test_parse_rejects_what_is_not_a_list():
         parse_subset("\n", "x")
 
 
-class FakeResponse(io.BytesIO):
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def test_download_once_into_the_xdg_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    text = "\n".join(synthetic_subset()) + "\n"
-    urls = []
-
-    def fake_urlopen(url, timeout):
-        urls.append((url, timeout))
-        return FakeResponse(text.encode())
-
-    monkeypatch.setattr(subsets.urllib.request, "urlopen", fake_urlopen)
-    assert len(subset_names(1)) == 13_000
-    assert urls == [(SUBSET_URL.format(percent=1), subsets.DOWNLOAD_TIMEOUT_S)]
-    assert "google-research/simclr/master/imagenet_subsets/1percent.txt" in urls[0][0]
-    cached = tmp_path / "xdg" / "resa" / "1percent.txt"
-    assert cached.read_text() == text
-    assert [p.name for p in cached.parent.iterdir()] == ["1percent.txt"]  # no temp file
-    assert len(subset_names(1)) == 13_000 and len(urls) == 1  # served from the cache
-
-
-def test_cache_defaults_to_home(tmp_path, monkeypatch):
-    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    assert subsets.cache_dir() == tmp_path / ".cache" / "resa"
-
-
-@pytest.mark.parametrize("failure", [urllib.error.URLError("offline"), TimeoutError("slow"),
-                                     b"<html>rate limited</html>"])
-def test_failed_download_names_both_ways_out(failure, tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-
-    def fake_urlopen(url, timeout):
-        if isinstance(failure, bytes):
-            return FakeResponse(failure)
-        raise failure
-
-    monkeypatch.setattr(subsets.urllib.request, "urlopen", fake_urlopen)
-    with pytest.raises(UsageError) as err:
-        subset_names(10)
-    message = str(err.value)
-    assert "--train_files" in message and SUBSET_URL.format(percent=10) in message
-    assert str(tmp_path / "resa" / "10percent.txt") in message
-    assert not any((tmp_path / "resa").iterdir())  # nothing half-written is cached
+def test_train_percent_1_needs_no_network_and_no_train_files(tmp_path):
+    """`eval_linear.py --train_percent 1` on a folder that holds the 1% list's 12,811
+    file names (hard links of one tiny JPEG), with no way to the network: it selects
+    the shipped list's images and starts training (stopped there: a whole epoch of
+    12,811 images would take a minute here)."""
+    names = subset_names(1)
+    image = tmp_path / "one.JPEG"
+    make_image_folder(tmp_path / "seed", per_class=1, size=8, val_copy=False)
+    os.link(next((tmp_path / "seed" / "train").rglob("*.JPEG")), image)
+    for split, chosen in (("train", names), ("val", {n.split("_")[0]: n for n in names}.values())):
+        for name in chosen:
+            folder = tmp_path / "data" / split / subsets.subset_class(name)
+            folder.mkdir(parents=True, exist_ok=True)
+            os.link(image, folder / name)
+    command = [sys.executable, "tests/offline_run.py", "eval_linear.py", *fast_flags(
+        tmp_path / "data", tmp_path / "out", "--train_percent", 1, "--crops_size", 8,
+        "--epochs", 1)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    watchdog = threading.Timer(240, process.kill)
+    watchdog.start()
+    output = []
+    try:
+        for line in process.stdout:
+            output.append(line)
+            if "epoch 1/1 iter 1/" in line or "Traceback" in line:
+                break
+    finally:
+        process.kill()
+        process.wait()
+        watchdog.cancel()
+    text = "".join(output)
+    assert "training on the 1% subset: 12811 images" in text, text[-3000:]
+    assert "epoch 1/1 iter 1/1602" in text  # 12,811 images at batch 8, the last one partial
 
 
 def test_train_files_that_do_not_exist(tmp_path):

@@ -125,10 +125,10 @@ def test_resa_cifar_command_runs_and_resumes_its_wandb_run(tmp_path):
              "--warmup_epochs", 1, "--eval_every", 1, "--nb_knn", 5]
     env = {"PYTHONPATH": os.pathsep.join([str(STAND_INS), os.environ.get("PYTHONPATH", "")]),
            "WANDB_STAND_IN_LOG": str(record), "WANDB_MODE": "offline"}
-    first = run_script("tests/trusting_run.py", "main.py", *flags, "--epochs", 1, env=env)
+    first = run_script("tests/offline_run.py", "main.py", *flags, "--epochs", 1, env=env)
     assert_ok(first)
     assert "16 training images" in first.stdout
-    again = run_script("tests/trusting_run.py", "main.py", *flags, "--epochs", 2, env=env)
+    again = run_script("tests/offline_run.py", "main.py", *flags, "--epochs", 2, env=env)
     assert_ok(again)
     assert "resumed from" in again.stdout
 

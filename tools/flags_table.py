@@ -23,7 +23,8 @@ def rows():
         default = "" if shown is None or kwargs.get("action") else f"`{shown}`"
         read_by = ", ".join(SHORT[s] for s in SCRIPTS if s in readers) or "none"
         flags = " ".join(f"`{name}`" for name in names)
-        yield f"| {flags} | {default} | {read_by} | {kwargs['help'].replace('|', '/')} |"
+        meaning = kwargs["help"].replace("%%", "%").replace("|", "/")  # as --help shows it
+        yield f"| {flags} | {default} | {read_by} | {meaning} |"
 
 
 def main():
