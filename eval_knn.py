@@ -34,7 +34,7 @@ def evaluate(args):
     torch.backends.cudnn.benchmark = True
 
     bank_device = args.device if args.use_cuda else torch.device("cpu")
-    features = dict(normalize=True, bank_device=bank_device)
+    features = dict(normalize=True, bank_device=bank_device, precision=args.precision)
     bank, bank_labels, bank_index = extract_shard(encoder, train, args.batch_size, args.workers,
                                                   args.device, desc="train features", **features)
     test, test_labels = extract_features(encoder, val, args.batch_size, args.workers,

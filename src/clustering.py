@@ -152,17 +152,17 @@ class SideBySide(nn.Module):
 
 
 def branch_features(encoder, projector, dataset, batch_size, workers, device, desc="features",
-                    baseline=None):
+                    baseline=None, precision="fp32"):
     """({name: L2-normalised features}, labels) of every sample of `dataset`, in its
     order, on every rank. The encoder runs over the images (sharded over processes and
     gathered, see `extract_features`); the projector (None: encoding only) then runs
     over the gathered encodings, so the images are read once. `baseline`, an encoder
     of the same architecture, runs beside it on the same batches and gives
-    `random_encoding`."""
+    `random_encoding`. The encoders run under `precision` (src.engine.extract_features)."""
     net = encoder if baseline is None else SideBySide(baseline, encoder)
     with eval_mode(net, projector):
         encodings, labels = extract_features(net, dataset, batch_size, workers, device,
-                                             desc=desc)
+                                             desc=desc, precision=precision)
         features = {}
         if baseline is not None:
             random, encodings = encodings.chunk(2, dim=1)

@@ -1,5 +1,6 @@
 """Evaluation loops: feature extraction gathered by index, and the progress bar that
 every loop shows."""
+import contextlib
 import math
 import sys
 
@@ -9,6 +10,7 @@ from tqdm import tqdm
 
 from src.distributed import gather_uneven, get_world_size, is_main_process
 from src.loader import eval_loader
+from src.optim import AUTOCAST_DTYPES
 
 
 def progress(iterable, total, desc, initial=0):
@@ -18,10 +20,20 @@ def progress(iterable, total, desc, initial=0):
                 mininterval=1.0 if sys.stderr.isatty() else 30.0)
 
 
+def encoding_precision(device, precision):
+    """The autocast under which the encoder runs for --precision `precision` ('fp16'
+    or 'bf16'); 'fp32' leaves the arithmetic as it is. Features are kept in fp32."""
+    dtype = AUTOCAST_DTYPES[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 @torch.no_grad()
 def extract_features(encoder, dataset, batch_size, workers, device, bank_device=None,
-                     normalize=False, desc="features"):
-    """Features and labels of every sample of `dataset`, in dataset order, on every rank.
+                     normalize=False, desc="features", precision="fp32"):
+    """Features (float32) and labels of every sample of `dataset`, in dataset order, on
+    every rank; the encoder runs under `precision` (see `encoding_precision`).
 
     Each process encodes its own shard; rows are gathered batch by batch with their
     indices, so the bank holds every sample exactly once (no sampler padding).
@@ -40,7 +52,9 @@ def extract_features(encoder, dataset, batch_size, workers, device, bank_device=
             index = torch.zeros(0, dtype=torch.long)
             images = torch.zeros((0, *dataset_shape(dataset)))
             target = torch.zeros(0, dtype=torch.long)
-        feats = encoder(images.to(device, non_blocking=True)).float()
+        with encoding_precision(device, precision):
+            feats = encoder(images.to(device, non_blocking=True))
+        feats = feats.float()
         if normalize:
             feats = F.normalize(feats, dim=1)
         index = gather_uneven(index.to(device))
@@ -57,16 +71,19 @@ def extract_features(encoder, dataset, batch_size, workers, device, bank_device=
 
 @torch.no_grad()
 def extract_shard(encoder, dataset, batch_size, workers, device, bank_device=None,
-                  normalize=False, desc="features"):
-    """(features, labels, indices) of this process's share of `dataset` (samples
-    rank, rank+W, ...), on `bank_device`: nothing is gathered, each process keeps 1/W."""
+                  normalize=False, desc="features", precision="fp32"):
+    """(float32 features, labels, indices) of this process's share of `dataset` (samples
+    rank, rank+W, ...), on `bank_device`: nothing is gathered, each process keeps 1/W.
+    The encoder runs under `precision` (see `encoding_precision`)."""
     bank_device = bank_device or device
     features, labels, indices = [], [], []
     was_training = encoder.training
     encoder.eval()
     loader = eval_loader(dataset, batch_size, workers)
     for index, images, target in progress(loader, len(loader), desc):
-        feats = encoder(images.to(device, non_blocking=True)).float()
+        with encoding_precision(device, precision):
+            feats = encoder(images.to(device, non_blocking=True))
+        feats = feats.float()
         features.append((F.normalize(feats, dim=1) if normalize else feats).to(bank_device))
         labels.append(torch.as_tensor(target).to(bank_device))
         indices.append(index.to(bank_device))

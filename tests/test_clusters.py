@@ -387,3 +387,25 @@ def test_random_baseline_is_the_initialisation_pretraining_starts_from(demo, tmp
                                      "--seed", 1, "--tsne_samples", 0)))
     moved = json.loads((other / "clustering.json").read_text())
     assert moved["random_encoding"] != scores["random_encoding"]
+
+
+def test_precision_reaches_the_encoder(demo, checkpoints, tmp_path, in_process, monkeypatch):
+    """--precision bf16: the encoder runs under bfloat16 autocast, the scores are those
+    of fp32 features close to the fp32 run's."""
+    seen = []
+    build = clusters.build_encoder
+
+    def recording(*args, **kwargs):
+        encoder, dim = build(*args, **kwargs)
+        encoder.conv1.register_forward_hook(lambda m, i, output: seen.append(output.dtype))
+        return encoder, dim
+    monkeypatch.setattr(clusters, "build_encoder", recording)
+    flags = ("--pretrained", checkpoints.encoder_only, "--max_samples", 20, "--bank_samples",
+             20, "--tsne_samples", 0)
+    assert_ok(in_process(*tool_flags(demo, tmp_path / "fp32", *flags)))
+    assert_ok(in_process(*tool_flags(demo, tmp_path / "bf16", *flags, "--precision", "bf16")))
+    assert set(seen[:len(seen) // 2]) == {torch.float32}
+    assert set(seen[len(seen) // 2:]) == {torch.bfloat16}
+    fp32, bf16 = (json.loads((tmp_path / p / "clustering.json").read_text())["encoding"]
+                  for p in ("fp32", "bf16"))
+    assert bf16["silhouette_mean"] == pytest.approx(fp32["silhouette_mean"], abs=0.05)

@@ -1,5 +1,6 @@
 """Weighted k-NN (SPEC §6): the vote, its chunking, sharded extraction and the script."""
 import json
+import logging
 import math
 import re
 import shutil
@@ -14,6 +15,7 @@ from src.knn import knn_classifier, knn_eval
 from helpers_eval import (TensorImages, assert_ok, assert_usage_error, extraction_worker,
                           fast_flags, make_image_folder, run_script, small_encoder, torchrun)
 from src.engine import extract_features
+from src.logger import LOGGER_NAME
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -232,3 +234,43 @@ def test_num_classes_smaller_than_the_data(image_folder, tmp_path):
     result = run_script("eval_knn.py", *fast_flags(image_folder, tmp_path / "out",
                                                    "--num_classes", 1))
     assert_usage_error(result, "--num_classes 1", "2 classes")
+
+
+def dtype_recorder(encoder, seen):
+    """`encoder`, recording the dtype of its first convolution's output in `seen`."""
+    conv = next(m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    return encoder
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32),
+                                              ("bf16", torch.bfloat16)])
+def test_extraction_runs_the_encoder_under_precision_and_keeps_fp32(precision, dtype):
+    from src.engine import extract_shard
+    torch.manual_seed(0)
+    seen = []
+    encoder = dtype_recorder(small_encoder(), seen)
+    dataset = TensorImages(torch.randn(10, 3, 8, 8), torch.arange(10) % 2, 2)
+    cpu = torch.device("cpu")
+    bank, _ = extract_features(encoder, dataset, 4, 0, cpu, precision=precision)
+    shard, _, _ = extract_shard(encoder, dataset, 4, 0, cpu, precision=precision)
+    assert set(seen) == {dtype} and bank.dtype == shard.dtype == torch.float32
+    reference, _ = extract_features(encoder, dataset, 4, 0, cpu)
+    assert torch.allclose(bank, reference, atol=0.05 if precision == "bf16" else 0)
+    assert torch.equal(shard, bank)
+
+
+def test_eval_knn_extracts_under_its_precision(image_folder, resnet18_file, tmp_path,
+                                               monkeypatch):
+    """--precision bf16 reaches the encoder's arithmetic (it was listed and ignored)."""
+    import eval_knn
+    seen = []
+    build = eval_knn.build_encoder
+    monkeypatch.setattr(eval_knn, "build_encoder",
+                        lambda *a, **k: (dtype_recorder(build(*a, **k)[0], seen), 512))
+    eval_knn.main(fast_flags(image_folder, tmp_path, "--pretrained", resnet18_file,
+                             "--precision", "bf16", "--nb_knn", 5))
+    for handler in logging.getLogger(LOGGER_NAME).handlers:  # the run's log files
+        handler.close()
+    assert seen and set(seen) == {torch.bfloat16}
+    assert json.loads((tmp_path / "knn_results.json").read_text())["5"]["top1"] >= 0

@@ -262,10 +262,10 @@ def analyse(args):
         names.insert(0, "random_encoding")
     features, labels = branch_features(encoder, projector, Subset(test, test_index.tolist()),
                                        args.batch_size, args.workers, args.device, "test",
-                                       baseline)
+                                       baseline, args.precision)
     bank, bank_labels = branch_features(encoder, projector, Subset(train, bank_index.tolist()),
                                         args.batch_size, args.workers, args.device, "bank",
-                                        baseline)
+                                        baseline, args.precision)
     if not is_main_process():
         return None  # no collective follows: the other ranks are done
 
