@@ -110,7 +110,8 @@ def test_precision_defaults_per_script_and_dataset(monkeypatch):
     from src.optim import AmpOptimizer
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     expected = {("main", "imagenet"): "fp16", ("main", "demo"): "fp16",
-                ("main", "cifar10"): "fp32", ("main", "cifar100"): "fp32", ("main", "stl10"): "fp32",
+                ("main", "cifar10"): "fp32", ("main", "cifar100"): "fp32",
+                ("main", "stl10"): "fp32",
                 ("eval_linear", "imagenet"): "fp32", ("eval_knn", "imagenet"): "fp32"}
     for (script, dataset), precision in expected.items():
         args = get_args(["--dataset", dataset], script)
@@ -214,9 +215,11 @@ def readme_commands():
 
 def test_readme_quotes_the_authors_recipes():
     """batch 256 = 1 GPU; batch 1024 = 4 GPUs with 10 warm-up epochs; --lr 0.4 only with
-    800 epochs; the linear probe uses --lr_classifier 10 after a batch-256 pretraining."""
+    800 epochs; the linear probe uses --lr_classifier 10 after a batch-256 pretraining;
+    the low-shot command is the authors', `--scheduler cos` included."""
     commands = list(readme_commands())
     assert len(commands) >= 10
+    finetune = False
     from tools.clusters import OWN_FLAGS
     for script, flags, nproc in commands:
         args = get_args(flags, script, OWN_FLAGS if script == "clusters" else ())  # parses
@@ -227,3 +230,8 @@ def test_readme_quotes_the_authors_recipes():
         if script == "eval_linear" and args.weights == "freeze":
             expected = 10.0 if "bs256" in args.pretrained else 40.0
             assert args.lr_classifier == expected, flags
+        if script == "eval_linear" and args.weights == "finetune":  # their low-shot command
+            assert flags[:8] == ["--epochs", "20", "--scheduler", "cos", "--weights",
+                                 "finetune", "--train_percent", "1"], flags
+            finetune = True
+    assert finetune
