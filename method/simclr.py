@@ -16,14 +16,16 @@ def nt_xent_loss(z_local, z_all, temperature, rank):
     z_local: V local embeddings (B×D each, L2-normalised, with gradients).
     z_all:   the same V views gathered from every process (N×D each, with gradients);
              this process's rows are rank·B … rank·B + B − 1.
-    For each pair (q, v), v ∈ {0, 1}, q != v, row i of view q is classified among
-    view v's N embeddings and view q's other N − 1 ones, the positive being row i of
-    view v: cross-entropy of the logits z·zᵀ / temperature, self-similarity masked.
-    Returns the mean over the local rows and the pairs. For V = 2 these are the
-    reference's two directions (averaged where it sums them); extra views are paired
-    with views 0 and 1 as every method here does, each a two-view NT-Xent.
+    For each pair (q, v), v ∈ {0, 1}, q != v, each local row of view q is classified
+    among view v's N embeddings and view q's other N − 1, the positive being the same
+    image in view v: cross-entropy of the logits z·zᵀ / temperature, self-similarity
+    masked. Returns the mean over the local rows and the pairs. For V = 2 these are
+    the reference's two directions (averaged where it sums them). Extra (multi-crop)
+    views are paired with views 0 and 1, each pair a two-view NT-Xent: the pairs
+    every method here averages, so that multi-crop means the same for all of them.
     """
-    rows = torch.arange(z_local[0].shape[0], device=z_local[0].device) + rank * z_local[0].shape[0]
+    b = z_local[0].shape[0]
+    rows = torch.arange(b, device=z_local[0].device) + rank * b  # this process's rows in z_all
     self_mask = F.one_hot(rows, z_all[0].shape[0]).bool()
     losses = []
     for q, z_q in enumerate(z_local):

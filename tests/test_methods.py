@@ -234,7 +234,8 @@ def test_state_dict_layout_and_paper_heads():
     assert swav["prototypes.weight"] == (3000, 128)
     children, simclr = shapes[SimCLR]
     assert children == ["encoder", "projector"]
-    assert simclr["projector.3.weight"] == (128, 2048) and simclr["projector.4.running_mean"] == (128,)
+    assert simclr["projector.3.weight"] == (128, 2048)
+    assert simclr["projector.4.running_mean"] == (128,)  # the authors' output batch norm
 
 
 def test_evaluated_networks():
