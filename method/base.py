@@ -1,5 +1,5 @@
-"""The parts every self-distillation method here shares: networks, the two branches,
-the EMA update and Sinkhorn-Knopp self-assignment (SPEC §2-3)."""
+"""The parts the methods here share: networks, the two branches, the EMA update and
+Sinkhorn-Knopp (SPEC §2-3)."""
 import copy
 
 import torch
@@ -17,6 +17,8 @@ def sinkhorn_knopp(scores, eps=0.05, n_iterations=3):
     `scores` is the local B×N similarity block; sums over the B axis are all-reduced
     so that W processes compute exactly what one process does on all N rows. Runs in
     float32 (callers pass float32 scores computed outside autocast). Returns A (B×N) whose rows sum to 1.
+    Given B×K scores against K prototypes it is SwAV's `distributed_sinkhorn`: each
+    prototype gets N/K of the mass, each sample 1.
     """
     q = torch.exp(scores.float() / eps).t()  # N×B
     n_rows = q.shape[0]
@@ -41,10 +43,11 @@ class BaseMethod(nn.Module):
     """
 
     def __init__(self, encoder, feature_dim, *, mlp_layers=3, mlp_dim=2048, emb=512,
-                 predictor=True, momentum=0.996):
+                 predictor=True, momentum=0.996, final_bn=True):
         super().__init__()
         self.encoder, self.feature_dim = encoder, feature_dim
-        self.projector = build_projector(feature_dim, mlp_layers, mlp_dim, emb)
+        projector = build_projector(feature_dim, mlp_layers, mlp_dim, emb)
+        self.projector = projector if final_bn else projector[:-1]  # BYOL, SwAV: no output BN
         self.predictor = build_predictor(emb, mlp_dim) if predictor else None
         self.momentum = momentum
 
@@ -54,6 +57,16 @@ class BaseMethod(nn.Module):
         self.momentum_projector = copy.deepcopy(self.projector)
         for p in self.momentum_parameters():
             p.requires_grad = False
+
+    def evaluated_encoder(self):
+        """The encoder that the evaluations, the monitor and `encoder.pth` use: the
+        momentum encoder where the method has one (ReSA, as its authors evaluate),
+        else the online one."""
+        return self.momentum_encoder if hasattr(self, "momentum_encoder") else self.encoder
+
+    def evaluated_projector(self):
+        """The projector whose embedding Z the analyses use, beside `evaluated_encoder`."""
+        return self.momentum_projector if hasattr(self, "momentum_projector") else self.projector
 
     def momentum_parameters(self):
         return [*self.momentum_encoder.parameters(), *self.momentum_projector.parameters()]

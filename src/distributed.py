@@ -184,3 +184,31 @@ def main_process_first(fn):
     elif error is not None:
         raise error
     return result if is_main_process() else fn()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradient of the gathered tensor over the
+    processes and returns this process's rows (an all_reduce: every backend has it,
+    where reduce_scatter is missing from gloo)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        parts = [torch.empty_like(tensor) for _ in range(get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()  # all_reduce works in place
+        dist.all_reduce(grad)
+        rows = grad.shape[0] // get_world_size()
+        return grad[get_rank() * rows:(get_rank() + 1) * rows]
+
+
+def gather_with_grad(tensor):
+    """Like `gather` (equal first dimensions, rank order), but the gradient flows back
+    to every process's rows: for a loss that mixes all N rows (SimCLR's negatives),
+    W processes then give DDP the gradients one process has on the full batch."""
+    if not is_distributed():
+        return tensor
+    return _GatherWithGrad.apply(tensor)
