@@ -122,7 +122,9 @@ class RunCheckpoint:
         return checkpoint
 
     def restore(self, checkpoint, model, amp):
-        """Load model, optimizer, loss scaler and this process's random state."""
+        """Load model, optimizer, loss scaler and this process's random state. The
+        scaler's state only when both runs scale the loss: an fp16 run resuming an fp32,
+        bf16 or CPU one starts with a fresh scaler."""
         source = checkpoint["source"]
         load_model_state(model, strip_prefix(checkpoint["state_dict"], "module."), source)
         if "optimizer" in checkpoint:
@@ -134,7 +136,7 @@ class RunCheckpoint:
                 raise UsageError(f"{source} was written with other settings: {err}")
             for group, kernel in zip(amp.optimizer.param_groups, kernels):
                 group.update(kernel)  # this run's --fused, not the saved run's
-        if "scaler" in checkpoint and amp.scaler.is_enabled():
+        if checkpoint.get("scaler") and amp.scaler.is_enabled():  # {}: saved without scaling
             amp.scaler.load_state_dict(checkpoint["scaler"])
         states = checkpoint.get("random_states", [])
         if len(states) == get_world_size():
