@@ -15,6 +15,22 @@ def build_optimizer(model, lr, args):
     return torch.optim.AdamW(params, lr=lr, weight_decay=args.wd, fused=fused)
 
 
+KERNEL_FLAGS = ("fused", "foreach")  # which of torch's kernels steps: this run's choice
+
+
+def load_optimizer_state(optimizer, state):
+    """Load a saved optimizer `state` and keep this run's kernel (--fused, and torch's
+    foreach or per-tensor loop). The flags go into the saved groups before loading,
+    since torch places each state tensor by the flags of the groups it loads: a fused
+    kernel wants AdamW's `step` tensors as float32 on the parameters' device, the
+    other loops leave them on the CPU where they were saved."""
+    groups = state["param_groups"]
+    if len(groups) == len(optimizer.param_groups):  # else load_state_dict says why not
+        groups = [{**saved, **{k: group.get(k) for k in KERNEL_FLAGS}}
+                  for saved, group in zip(groups, optimizer.param_groups)]
+    optimizer.load_state_dict({**state, "param_groups": groups})
+
+
 class AmpOptimizer:
     """An optimizer stepped under `precision`: fp16 = float16 autocast with loss scaling
     (CUDA), bf16 = bfloat16 autocast without scaling, fp32 = no autocast."""
