@@ -84,8 +84,8 @@ def collate_encoded(items):
 
 def decode(batch, device):
     """The batch's images as uint8 (3, H, W) tensors on `device`, in order: the JPEGs
-    decoded together on `device`; one that fails there is decoded by PIL on the CPU
-    (if even that fails, it takes a copy of the batch's first image, with a warning)."""
+    decoded together on `device`; one that fails there is decoded by PIL on the CPU;
+    None where even that fails (see `replace_unreadable`)."""
     jpegs = [i for i, plain in enumerate(batch.jpeg) if plain]
     images = [None if plain else data.to(device, non_blocking=True)
               for data, plain in zip(batch.data, batch.jpeg)]
@@ -96,13 +96,21 @@ def decode(batch, device):
         decoded = [decode_one(batch.data[i], device) for i in jpegs]
     for i, image in zip(jpegs, decoded):
         images[i] = image
-    if any(image is None for image in images):
-        readable = [image for image in images if image is not None]
-        if not readable:
-            raise UsageError("no image of a batch could be decoded, on the GPU or by PIL")
-        get_logger().warning("an image that no decoder could read was replaced by another")
-        images = [readable[0] if image is None else image for image in images]
     return images
+
+
+def replace_unreadable(images, params):
+    """(images, params) where each image that no decoder could read (None) becomes a
+    copy of the batch's first readable sample, its view parameters included: the lost
+    image's crop boxes were drawn for its own size, not for the substitute's."""
+    readable = [i for i, image in enumerate(images) if image is not None]
+    if not readable:
+        raise UsageError("no image of a batch could be decoded, on the GPU or by PIL")
+    if len(readable) == len(images):
+        return images, params
+    get_logger().warning("an image that no decoder could read was replaced by another")
+    rows = [i if image is not None else readable[0] for i, image in enumerate(images)]
+    return [images[i] for i in rows], params[rows]
 
 
 def decode_one(data, device):
@@ -127,7 +135,7 @@ class GpuViews:
         self.device, self.memory_format = device, memory_format
 
     def __call__(self, batch):
-        images = decode(batch, self.device)
+        images, params = replace_unreadable(decode(batch, self.device), batch.params)
         with torch.autocast(self.device.type, enabled=False):
-            views = make_views(images, batch.params, self.specs, self.mean, self.std)
+            views = make_views(images, params, self.specs, self.mean, self.std)
         return [view.contiguous(memory_format=self.memory_format) for view in views]

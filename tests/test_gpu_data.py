@@ -8,8 +8,9 @@ from PIL import Image
 import main as main_script
 from args import get_args
 from src.data import UnreadableImage, build_pretrain_dataset
+from src.errors import UsageError
 from src.gpu_data import (EncodedBatch, GpuViews, build_encoded_dataset, collate_encoded,
-                          decode, read_encoded)
+                          decode, read_encoded, replace_unreadable)
 from src.gpu_views import N_PARAMS
 from src.loader import train_loader
 
@@ -73,9 +74,16 @@ def test_batched_decode_matches_the_cpu_decoder_and_falls_back(tmp_path, monkeyp
                               torch.zeros(2, 2, N_PARAMS)), torch.device("cpu"))
     assert torch.equal(out[0], images[0]) and torch.equal(out[1].int(), pil)
     garbage = torch.zeros_like(items[1][0])  # refused by the device decoder and by PIL
-    out = decode(EncodedBatch([items[0][0], garbage], [True, True],
-                              torch.zeros(2, 2, N_PARAMS)), torch.device("cpu"))
-    assert torch.equal(out[1], out[0])  # replaced by the batch's readable image
+    params = torch.arange(2 * 2 * N_PARAMS, dtype=torch.float64).view(2, 2, N_PARAMS)
+    out = decode(EncodedBatch([items[0][0], garbage], [True, True], params),
+                 torch.device("cpu"))
+    assert out[1] is None
+    images, kept = replace_unreadable(out, params)
+    # a copy of the batch's readable sample, with that sample's views
+    assert images[1] is images[0] and torch.equal(kept[1], params[0])
+    assert torch.equal(kept[0], params[0])
+    with pytest.raises(UsageError, match="no image of a batch"):
+        replace_unreadable([None, None], params)
 
 
 def test_gpu_backend_views_have_the_pil_pipelines_count_sizes_and_determinism(demo_path):
@@ -109,3 +117,37 @@ def test_pretraining_with_the_gpu_backend_on_cpu(demo_path, tmp_path):
     checkpoint = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["args"]["data_backend"] == "gpu"
     assert "epoch 1/1 iter 3/3" in (tmp_path / "out.log").read_text()
+
+
+def undecodable_jpeg(path, size=(640, 480)):
+    """A JPEG whose header reads (size, RGB, the end marker last) but whose pixels no
+    decoder reads: its components name a quantisation table it does not define."""
+    picture(size).save(path, quality=90)
+    raw = bytearray(path.read_bytes())
+    frame = raw.index(b"\xff\xc0")  # baseline frame header: 3 components from byte 10
+    for component in range(raw[frame + 9]):
+        raw[frame + 10 + 3 * component + 2] = 3
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_an_image_no_decoder_reads_is_replaced_with_its_substitutes_views(tmp_path):
+    """The 640x480 file passes the worker's header check and fails both decoders; the
+    batch's first image (64x48) takes its place with its own crop boxes, not boxes drawn
+    for 640x480 (which F.interpolate refused: sizes of 0)."""
+    for i in range(16):
+        folder = tmp_path / "data" / "train" / f"n0100000{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        if i == 5:
+            undecodable_jpeg(folder / "bad.JPEG")
+        else:
+            picture((64, 48)).save(folder / f"{i}.JPEG", quality=90)
+    main_script.main(["--dataset", "imagenet", "--data_path", str(tmp_path / "data"),
+                      "--arch", "resnet18", "--mlp_dim", "64", "--emb", "32",
+                      "--crops_size", "32", "--batch_size", "8", "--epochs", "1",
+                      "--warmup_epochs", "0", "--workers", "0", "--eval_every", "0",
+                      "--seed", "0", "--data_backend", "gpu",
+                      "--dump_path", str(tmp_path / "run")])
+    log = (tmp_path / "run" / "out.log").read_text()
+    assert "epoch 1/1 iter 2/2" in log
+    assert "no decoder could read" in log
