@@ -1,5 +1,7 @@
 """The GPU data backend on CPU tensors: what the workers read, the batched decode with
 its fallbacks, the views it feeds to the step, and main.py with --data_backend gpu."""
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from src.errors import UsageError
 from src.gpu_data import (EncodedBatch, GpuViews, build_encoded_dataset, collate_encoded,
                           decode, read_encoded, replace_unreadable)
 from src.gpu_views import N_PARAMS
+from src.logger import LOGGER_NAME
 from src.loader import train_loader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,10 +36,11 @@ def test_workers_ship_jpeg_bytes_and_decode_everything_else(tmp_path):
     data, plain, height, width = read_encoded(jpeg)
     assert plain and (height, width) == (30, 40) and data.dtype == torch.uint8
     assert data.numpy().tobytes() == jpeg.read_bytes()  # the file itself, not decoded
-    gray = save(picture(mode="L"), tmp_path / "g.jpg")
-    assert read_encoded(gray)[1]  # a plain grayscale JPEG: decoded as RGB on the device
-    for name, img in (("p.png", picture()), ("c.jpg", picture(mode="CMYK"))):
-        path = save(img, tmp_path / name)
+    # what the device decoder may refuse is decoded in the worker, by content type
+    for name, img, kwargs in (("p.png", picture(), {}), ("c.jpg", picture(mode="CMYK"), {}),
+                              ("g.jpg", picture(mode="L"), {}),
+                              ("progressive.jpg", picture(), {"progressive": True})):
+        path = save(img, tmp_path / name, **kwargs)
         data, plain, height, width = read_encoded(path)
         assert not plain and data.shape == (3, 30, 40)
         expected = np.array(Image.open(path).convert("RGB"))  # what PIL decodes
@@ -150,4 +154,65 @@ def test_an_image_no_decoder_reads_is_replaced_with_its_substitutes_views(tmp_pa
                       "--dump_path", str(tmp_path / "run")])
     log = (tmp_path / "run" / "out.log").read_text()
     assert "epoch 1/1 iter 2/2" in log
-    assert "no decoder could read" in log
+    assert "images no decoder could read (replaced by another): 1" in log  # the epoch's count
+
+
+class Recorded(logging.Handler):
+    """The messages of the repository's logger while a test runs."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def logged():
+    handler = Recorded()
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.addHandler(handler)
+    yield handler.messages
+    logger.removeHandler(handler)
+
+
+def jpeg_batch(tmp_path, count=3):
+    files = [save(picture((40 + i, 30)), tmp_path / f"{i}.jpg", quality=90) for i in range(count)]
+    rows = torch.zeros(count, 2, N_PARAMS, dtype=torch.float64)
+    rows[:, :, 2:4] = torch.tensor([20., 20.])  # a 20x20 crop box at the corner
+    return EncodedBatch([read_encoded(f)[0] for f in files], [True] * count, rows)
+
+
+def test_decode_fallbacks_are_logged_first_with_their_reason_then_counted_per_epoch(
+        tmp_path, monkeypatch, logged):
+    import src.gpu_data as gpu_data
+    real = gpu_data.decode_jpeg
+
+    def no_batches(data, **kwargs):  # e.g. a build whose nvJPEG cannot decode batches
+        if isinstance(data, list):
+            raise RuntimeError("nvjpeg: batched decode unsupported")
+        return real(data, **kwargs)
+    monkeypatch.setattr(gpu_data, "decode_jpeg", no_batches)
+    views = GpuViews(get_args(["--dataset", "demo"]), torch.device("cpu"))
+    batch = jpeg_batch(tmp_path)
+    for _ in range(2):
+        views(batch)
+    assert len(logged) == 1 and "nvjpeg: batched decode unsupported" in logged[0]
+    views.log_fallbacks(epoch=1)
+    assert "epoch 1" in logged[1] and "batches decoded image by image: 2" in logged[1]
+    views.log_fallbacks(epoch=2)  # nothing fell back since: nothing to say
+    assert len(logged) == 2
+
+
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory."),
+                                   RuntimeError("CUDA error: out of memory")])
+def test_out_of_memory_while_decoding_is_not_a_fallback(tmp_path, monkeypatch, error, logged):
+    import src.gpu_data as gpu_data
+
+    def out_of_memory(data, **kwargs):
+        raise error
+    monkeypatch.setattr(gpu_data, "decode_jpeg", out_of_memory)
+    with pytest.raises(type(error), match="out of memory"):
+        decode(jpeg_batch(tmp_path), torch.device("cpu"))
+    assert not logged
