@@ -112,17 +112,6 @@ def test_gpu_backend_views_have_the_pil_pipelines_count_sizes_and_determinism(de
     assert views[0].min() < -1 and views[0].dtype == torch.float32
 
 
-def test_pretraining_with_the_gpu_backend_on_cpu(demo_path, tmp_path):
-    main_script.main(["--dataset", "demo", "--data_path", demo_path, "--arch", "resnet18",
-                      "--mlp_dim", "64", "--emb", "32", "--batch_size", "8",
-                      "--size_dataset", "24", "--epochs", "1", "--warmup_epochs", "0",
-                      "--workers", "0", "--eval_every", "0", "--seed", "0",
-                      "--data_backend", "gpu", "--dump_path", str(tmp_path)])
-    checkpoint = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
-    assert checkpoint["epoch"] == 1 and checkpoint["args"]["data_backend"] == "gpu"
-    assert "epoch 1/1 iter 3/3" in (tmp_path / "out.log").read_text()
-
-
 def undecodable_jpeg(path, size=(640, 480)):
     """A JPEG whose header reads (size, RGB, the end marker last) but whose pixels no
     decoder reads: its components name a quantisation table it does not define."""
@@ -135,10 +124,11 @@ def undecodable_jpeg(path, size=(640, 480)):
     return path
 
 
-def test_an_image_no_decoder_reads_is_replaced_with_its_substitutes_views(tmp_path):
-    """The 640x480 file passes the worker's header check and fails both decoders; the
-    batch's first image (64x48) takes its place with its own crop boxes, not boxes drawn
-    for 640x480 (which F.interpolate refused: sizes of 0)."""
+def test_pretraining_with_the_gpu_backend_replaces_an_image_no_decoder_reads(tmp_path):
+    """main.py --data_backend gpu on CPU tensors. The 640x480 file passes the worker's
+    header check and fails both decoders; the batch's first image (64x48) takes its
+    place with its own crop boxes, not boxes drawn for 640x480 (which F.interpolate
+    refused: sizes of 0), and the epoch's fallbacks are counted in the log."""
     for i in range(16):
         folder = tmp_path / "data" / "train" / f"n0100000{i % 2}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -152,6 +142,8 @@ def test_an_image_no_decoder_reads_is_replaced_with_its_substitutes_views(tmp_pa
                       "--warmup_epochs", "0", "--workers", "0", "--eval_every", "0",
                       "--seed", "0", "--data_backend", "gpu",
                       "--dump_path", str(tmp_path / "run")])
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pth.tar", weights_only=True)
+    assert checkpoint["epoch"] == 1 and checkpoint["args"]["data_backend"] == "gpu"
     log = (tmp_path / "run" / "out.log").read_text()
     assert "epoch 1/1 iter 2/2" in log
     assert "images no decoder could read (replaced by another): 1" in log  # the epoch's count

@@ -107,7 +107,8 @@ def test_optimizer_state_moves_between_fused_foreach_and_per_tensor(name, tmp_pa
                 if kernel == saved_kernel:
                     assert torch.equal(ours, theirs), (saved_kernel, kernel)
                 else:
-                    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6), (saved_kernel, kernel)
+                    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6), (
+                        saved_kernel, kernel)
 
 
 def test_a_fused_run_gets_step_tensors_where_its_kernel_wants_them(tmp_path):
