@@ -96,6 +96,8 @@ def pretrain(args):
                 writer.add(loop.step, "epoch/", loss=loss, train_minutes=loop.seconds / 60)
                 log.info(f"epoch {loop.epoch}/{args.epochs} done: mean loss {loss:.4f}, "
                          f"checkpoint {run.path}")
+                if gpu_views:
+                    gpu_views.log_fallbacks(loop.epoch)
                 epoch = loop.epoch
                 if monitor and (epoch == 1 or epoch % args.eval_every == 0
                                 or epoch == args.epochs):

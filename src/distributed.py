@@ -54,6 +54,16 @@ def _translate_slurm_env():
     os.environ.setdefault("MASTER_PORT", str(10000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
 
 
+def with_cpu_backend(backend):
+    """`backend` with gloo for CPU tensors where it has none: NCCL only moves CUDA
+    tensors, and some collectives of a CUDA run hold CPU tensors (the k-NN bank of
+    `--use_cuda False`, object gathers, rank 0's start-up flags). With
+    "cpu:gloo,cuda:nccl" each tensor goes through its own device's backend."""
+    if backend == "gloo" or "cpu:" in backend:
+        return backend
+    return f"cpu:gloo,cuda:{backend.split(':')[-1]}"
+
+
 def init_distributed(args):
     """Start the process group when launched by torchrun/SLURM; pick the device.
 
@@ -73,7 +83,7 @@ def init_distributed(args):
         backend = args.dist_backend or ("nccl" if cuda else "gloo")
         if backend == "nccl" and not cuda:
             raise UsageError("--dist-backend nccl needs CUDA GPUs; use gloo on CPU")
-        dist.init_process_group(backend=backend, init_method=args.dist_url,
+        dist.init_process_group(backend=with_cpu_backend(backend), init_method=args.dist_url,
                                 world_size=int(os.environ["WORLD_SIZE"]),
                                 rank=int(os.environ["RANK"]))
     args.rank, args.world_size = get_rank(), get_world_size()
@@ -175,9 +185,7 @@ def main_process_first(fn):
         except UsageError as err:
             error = err
     if is_distributed():
-        failed = torch.tensor([int(error is not None)])
-        if dist.get_backend() == "nccl":
-            failed = failed.cuda()
+        failed = torch.tensor([int(error is not None)])  # CPU: see with_cpu_backend
         dist.broadcast(failed, src=0)
         if failed.item():
             raise error or UsageError("stopped: rank 0 reported the problem")

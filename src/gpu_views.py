@@ -53,6 +53,7 @@ SIGMA_RANGE = (0.1, 2.0)
 BLUR_RADIUS = math.ceil(3 * SIGMA_RANGE[1])     # one kernel size for the whole batch
 SOLARIZE_THRESHOLD = 128 / 255
 LUMA = (0.299, 0.587, 0.114)                    # ITU-R 601-2, as PIL's convert('L')
+MAX_DOWNSCALE = 16                              # per antialiased resize (see _resized_crops)
 
 # Columns of the uniforms drawn per view (all draws of a view in one generator call).
 _U_AREA, _U_ASPECT = slice(0, ATTEMPTS), slice(ATTEMPTS, 2 * ATTEMPTS)
@@ -229,14 +230,28 @@ def _blur(x, sigma, on):
     return y.view(b, c, height, width)
 
 
+def _pre_shrink(h, w, size):
+    """(kh, kw): the integer average pool that brings an h x w box within
+    MAX_DOWNSCALE of `size` on each axis, (1, 1) when it is already."""
+    return (max(1, math.ceil(h / (size * MAX_DOWNSCALE))),
+            max(1, math.ceil(w / (size * MAX_DOWNSCALE))))
+
+
 def _resized_crops(images, boxes, spec):
     """(B, 3, size, size) float in [0, 1]: each image's box resized with antialiasing
-    like PIL (bilinear for the weak view, bicubic clamped to [0, 1] for strong ones)."""
+    like PIL (bilinear for the weak view, bicubic clamped to [0, 1] for strong ones).
+    A box over MAX_DOWNSCALE times the view's size is average-pooled by an integer
+    factor first (at most k - 1 of its last rows or columns left out): the pool's
+    small box filter hardly changes the result, and CUDA's antialiased kernels refuse
+    downscales beyond ~47x (bicubic) or ~94x (bilinear)."""
     mode = 'bicubic' if spec.strong else 'bilinear'
     out = []
     for img, (top, left, h, w) in zip(images, boxes):
-        crop = img[None, :, top:top + h, left:left + w].float() / 255
-        out.append(F.interpolate(crop, size=(spec.size, spec.size), mode=mode,
+        crop = img[None, :, top:top + h, left:left + w].float()
+        kernel = _pre_shrink(h, w, spec.size)
+        if kernel != (1, 1):
+            crop = F.avg_pool2d(crop, kernel)
+        out.append(F.interpolate(crop / 255, size=(spec.size, spec.size), mode=mode,
                                  align_corners=False, antialias=True))
     x = torch.cat(out)
     return x.clamp(0, 1) if spec.strong else x

@@ -5,14 +5,31 @@ PRECISIONS = ("fp16", "bf16", "fp32")
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
 
 
-def build_optimizer(model, lr, args):
+def build_optimizer(model, lr, args, foreach=None):
     """SGD (momentum 0.9) or AdamW, weight decay on all parameters; lr set per step;
-    `args.fused`: one fused kernel per step instead of one per tensor."""
+    `args.fused`: one fused kernel per step instead of one per tensor. Without it torch
+    picks its loop (`foreach` None: multi-tensor on CUDA, per-tensor on CPU)."""
     params = model.parameters()  # as the authors: the optimizer state matches their files
-    fused = args.fused or None
+    kernel = dict(fused=args.fused or None, foreach=foreach)
     if args.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=args.wd, fused=fused)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=args.wd, fused=fused)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=args.wd, **kernel)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=args.wd, **kernel)
+
+
+KERNEL_FLAGS = ("fused", "foreach")  # which of torch's kernels steps: this run's choice
+
+
+def load_optimizer_state(optimizer, state):
+    """Load a saved optimizer `state` and keep this run's kernel (--fused, and torch's
+    foreach or per-tensor loop). The flags go into the saved groups before loading,
+    since torch places each state tensor by the flags of the groups it loads: a fused
+    kernel wants AdamW's `step` tensors as float32 on the parameters' device, the
+    other loops leave them on the CPU where they were saved."""
+    groups = state["param_groups"]
+    if len(groups) == len(optimizer.param_groups):  # else load_state_dict says why not
+        groups = [{**saved, **{k: group.get(k) for k in KERNEL_FLAGS}}
+                  for saved, group in zip(groups, optimizer.param_groups)]
+    optimizer.load_state_dict({**state, "param_groups": groups})
 
 
 class AmpOptimizer:

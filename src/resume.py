@@ -18,6 +18,7 @@ from src.checkpoint import (load_model_state, newest_checkpoint, plain_args,
 from src.distributed import all_gather_objects, all_reduce_sum, get_rank, get_world_size
 from src.errors import UsageError
 from src.logger import get_logger
+from src.optim import load_optimizer_state
 
 # flags whose change would make the resumed run another run (refused), per script
 REFUSED = {
@@ -122,19 +123,17 @@ class RunCheckpoint:
         return checkpoint
 
     def restore(self, checkpoint, model, amp):
-        """Load model, optimizer, loss scaler and this process's random state."""
+        """Load model, optimizer, loss scaler and this process's random state. The
+        scaler's state only when both runs scale the loss: an fp16 run resuming an fp32,
+        bf16 or CPU one starts with a fresh scaler."""
         source = checkpoint["source"]
         load_model_state(model, strip_prefix(checkpoint["state_dict"], "module."), source)
         if "optimizer" in checkpoint:
-            kernels = [{k: g.get(k) for k in ("fused", "foreach")}
-                       for g in amp.optimizer.param_groups]
             try:
-                amp.optimizer.load_state_dict(checkpoint["optimizer"])
+                load_optimizer_state(amp.optimizer, checkpoint["optimizer"])
             except ValueError as err:
                 raise UsageError(f"{source} was written with other settings: {err}")
-            for group, kernel in zip(amp.optimizer.param_groups, kernels):
-                group.update(kernel)  # this run's --fused, not the saved run's
-        if "scaler" in checkpoint and amp.scaler.is_enabled():
+        if checkpoint.get("scaler") and amp.scaler.is_enabled():  # {}: saved without scaling
             amp.scaler.load_state_dict(checkpoint["scaler"])
         states = checkpoint.get("random_states", [])
         if len(states) == get_world_size():

@@ -7,7 +7,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from method.resa import resa_loss
-from src.distributed import gather, gather_uneven
+from src.distributed import gather, gather_uneven, with_cpu_backend
 
 B, V, D, FEAT, TAU = 4, 3, 8, 6, 0.4
 
@@ -75,3 +75,11 @@ def test_two_gloo_processes_match_one_process():
         assert torch.allclose(stitched, full_grads[v], atol=1e-6)
     # uneven gathers keep rank order and drop the padding
     assert results[0][2] == [0, 1, 2, 10] == results[1][2]
+
+
+def test_every_process_group_has_a_cpu_backend():
+    """NCCL gets gloo beside it for CPU tensors; a group that has one keeps it."""
+    assert with_cpu_backend("nccl") == "cpu:gloo,cuda:nccl"
+    assert with_cpu_backend("cuda:gloo") == "cpu:gloo,cuda:gloo"  # the tests' NCCL stand-in
+    assert with_cpu_backend("gloo") == "gloo"
+    assert with_cpu_backend("cpu:gloo,cuda:nccl") == "cpu:gloo,cuda:nccl"

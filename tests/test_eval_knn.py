@@ -10,7 +10,10 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import eval_knn
+from args import get_args
 from src import knn
+from src.distributed import run_distributed
 from src.knn import knn_classifier, knn_eval
 from helpers_eval import (TensorImages, assert_ok, assert_usage_error, extraction_worker,
                           fast_flags, make_image_folder, run_script, small_encoder, torchrun)
@@ -274,3 +277,28 @@ def test_eval_knn_extracts_under_its_precision(image_folder, resnet18_file, tmp_
         handler.close()
     assert seen and set(seen) == {torch.bfloat16}
     assert json.loads((tmp_path / "knn_results.json").read_text())["5"]["top1"] >= 0
+
+
+def test_cpu_bank_under_a_group_without_a_cpu_backend_equals_one_process(
+        image_folder, resnet18_file, tmp_path):
+    """`--use_cuda False` under NCCL: the CPU shards meet in collectives of a group whose
+    only backend is for CUDA. A group made as "cuda:gloo" has no CPU backend either, so
+    it stands in for NCCL on this machine: two processes started through the scripts'
+    own set-up give the accuracies of one process."""
+    flags = fast_flags(image_folder, tmp_path / "one", "--nb_knn", 1, 5,
+                       "--pretrained", resnet18_file, "--use_cuda", "False")
+    single = run_distributed(eval_knn.evaluate, get_args(flags, "eval_knn"))
+    mp.spawn(knn_script_worker, nprocs=2, join=True,
+             args=(str(tmp_path / "pg"), str(tmp_path), flags))
+    for rank in range(2):
+        assert torch.load(tmp_path / f"knn{rank}.pt") == single and len(single) == 2
+
+
+def knn_script_worker(rank, init_file, out_dir, flags):
+    """eval_knn.py's evaluation on one of two processes, its group's only backend for CUDA."""
+    import os
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    args = get_args([*flags, "--dump_path", f"{out_dir}/two"], "eval_knn")  # the last one counts
+    args.dist_backend, args.dist_url = "cuda:gloo", f"file://{init_file}"
+    torch.save(run_distributed(eval_knn.evaluate, args), f"{out_dir}/knn{rank}.pt")

@@ -1,5 +1,7 @@
 """The GPU data backend on CPU tensors: what the workers read, the batched decode with
 its fallbacks, the views it feeds to the step, and main.py with --data_backend gpu."""
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -8,9 +10,11 @@ from PIL import Image
 import main as main_script
 from args import get_args
 from src.data import UnreadableImage, build_pretrain_dataset
+from src.errors import UsageError
 from src.gpu_data import (EncodedBatch, GpuViews, build_encoded_dataset, collate_encoded,
-                          decode, read_encoded)
+                          decode, read_encoded, replace_unreadable)
 from src.gpu_views import N_PARAMS
+from src.logger import LOGGER_NAME
 from src.loader import train_loader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,10 +36,11 @@ def test_workers_ship_jpeg_bytes_and_decode_everything_else(tmp_path):
     data, plain, height, width = read_encoded(jpeg)
     assert plain and (height, width) == (30, 40) and data.dtype == torch.uint8
     assert data.numpy().tobytes() == jpeg.read_bytes()  # the file itself, not decoded
-    gray = save(picture(mode="L"), tmp_path / "g.jpg")
-    assert read_encoded(gray)[1]  # a plain grayscale JPEG: decoded as RGB on the device
-    for name, img in (("p.png", picture()), ("c.jpg", picture(mode="CMYK"))):
-        path = save(img, tmp_path / name)
+    # what the device decoder may refuse is decoded in the worker, by content type
+    for name, img, kwargs in (("p.png", picture(), {}), ("c.jpg", picture(mode="CMYK"), {}),
+                              ("g.jpg", picture(mode="L"), {}),
+                              ("progressive.jpg", picture(), {"progressive": True})):
+        path = save(img, tmp_path / name, **kwargs)
         data, plain, height, width = read_encoded(path)
         assert not plain and data.shape == (3, 30, 40)
         expected = np.array(Image.open(path).convert("RGB"))  # what PIL decodes
@@ -73,9 +78,16 @@ def test_batched_decode_matches_the_cpu_decoder_and_falls_back(tmp_path, monkeyp
                               torch.zeros(2, 2, N_PARAMS)), torch.device("cpu"))
     assert torch.equal(out[0], images[0]) and torch.equal(out[1].int(), pil)
     garbage = torch.zeros_like(items[1][0])  # refused by the device decoder and by PIL
-    out = decode(EncodedBatch([items[0][0], garbage], [True, True],
-                              torch.zeros(2, 2, N_PARAMS)), torch.device("cpu"))
-    assert torch.equal(out[1], out[0])  # replaced by the batch's readable image
+    params = torch.arange(2 * 2 * N_PARAMS, dtype=torch.float64).view(2, 2, N_PARAMS)
+    out = decode(EncodedBatch([items[0][0], garbage], [True, True], params),
+                 torch.device("cpu"))
+    assert out[1] is None
+    images, kept = replace_unreadable(out, params)
+    # a copy of the batch's readable sample, with that sample's views
+    assert images[1] is images[0] and torch.equal(kept[1], params[0])
+    assert torch.equal(kept[0], params[0])
+    with pytest.raises(UsageError, match="no image of a batch"):
+        replace_unreadable([None, None], params)
 
 
 def test_gpu_backend_views_have_the_pil_pipelines_count_sizes_and_determinism(demo_path):
@@ -100,12 +112,99 @@ def test_gpu_backend_views_have_the_pil_pipelines_count_sizes_and_determinism(de
     assert views[0].min() < -1 and views[0].dtype == torch.float32
 
 
-def test_pretraining_with_the_gpu_backend_on_cpu(demo_path, tmp_path):
-    main_script.main(["--dataset", "demo", "--data_path", demo_path, "--arch", "resnet18",
-                      "--mlp_dim", "64", "--emb", "32", "--batch_size", "8",
-                      "--size_dataset", "24", "--epochs", "1", "--warmup_epochs", "0",
-                      "--workers", "0", "--eval_every", "0", "--seed", "0",
-                      "--data_backend", "gpu", "--dump_path", str(tmp_path)])
-    checkpoint = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
+def undecodable_jpeg(path, size=(640, 480)):
+    """A JPEG whose header reads (size, RGB, the end marker last) but whose pixels no
+    decoder reads: its components name a quantisation table it does not define."""
+    picture(size).save(path, quality=90)
+    raw = bytearray(path.read_bytes())
+    frame = raw.index(b"\xff\xc0")  # baseline frame header: 3 components from byte 10
+    for component in range(raw[frame + 9]):
+        raw[frame + 10 + 3 * component + 2] = 3
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_pretraining_with_the_gpu_backend_replaces_an_image_no_decoder_reads(tmp_path):
+    """main.py --data_backend gpu on CPU tensors. The 640x480 file passes the worker's
+    header check and fails both decoders; the batch's first image (64x48) takes its
+    place with its own crop boxes, not boxes drawn for 640x480 (which F.interpolate
+    refused: sizes of 0), and the epoch's fallbacks are counted in the log."""
+    for i in range(16):
+        folder = tmp_path / "data" / "train" / f"n0100000{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        if i == 5:
+            undecodable_jpeg(folder / "bad.JPEG")
+        else:
+            picture((64, 48)).save(folder / f"{i}.JPEG", quality=90)
+    main_script.main(["--dataset", "imagenet", "--data_path", str(tmp_path / "data"),
+                      "--arch", "resnet18", "--mlp_dim", "64", "--emb", "32",
+                      "--crops_size", "32", "--batch_size", "8", "--epochs", "1",
+                      "--warmup_epochs", "0", "--workers", "0", "--eval_every", "0",
+                      "--seed", "0", "--data_backend", "gpu",
+                      "--dump_path", str(tmp_path / "run")])
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pth.tar", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["args"]["data_backend"] == "gpu"
-    assert "epoch 1/1 iter 3/3" in (tmp_path / "out.log").read_text()
+    log = (tmp_path / "run" / "out.log").read_text()
+    assert "epoch 1/1 iter 2/2" in log
+    assert "images no decoder could read (replaced by another): 1" in log  # the epoch's count
+
+
+class Recorded(logging.Handler):
+    """The messages of the repository's logger while a test runs."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def logged():
+    handler = Recorded()
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.addHandler(handler)
+    yield handler.messages
+    logger.removeHandler(handler)
+
+
+def jpeg_batch(tmp_path, count=3):
+    files = [save(picture((40 + i, 30)), tmp_path / f"{i}.jpg", quality=90) for i in range(count)]
+    rows = torch.zeros(count, 2, N_PARAMS, dtype=torch.float64)
+    rows[:, :, 2:4] = torch.tensor([20., 20.])  # a 20x20 crop box at the corner
+    return EncodedBatch([read_encoded(f)[0] for f in files], [True] * count, rows)
+
+
+def test_decode_fallbacks_are_logged_first_with_their_reason_then_counted_per_epoch(
+        tmp_path, monkeypatch, logged):
+    import src.gpu_data as gpu_data
+    real = gpu_data.decode_jpeg
+
+    def no_batches(data, **kwargs):  # e.g. a build whose nvJPEG cannot decode batches
+        if isinstance(data, list):
+            raise RuntimeError("nvjpeg: batched decode unsupported")
+        return real(data, **kwargs)
+    monkeypatch.setattr(gpu_data, "decode_jpeg", no_batches)
+    views = GpuViews(get_args(["--dataset", "demo"]), torch.device("cpu"))
+    batch = jpeg_batch(tmp_path)
+    for _ in range(2):
+        views(batch)
+    assert len(logged) == 1 and "nvjpeg: batched decode unsupported" in logged[0]
+    views.log_fallbacks(epoch=1)
+    assert "epoch 1" in logged[1] and "batches decoded image by image: 2" in logged[1]
+    views.log_fallbacks(epoch=2)  # nothing fell back since: nothing to say
+    assert len(logged) == 2
+
+
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory."),
+                                   RuntimeError("CUDA error: out of memory")])
+def test_out_of_memory_while_decoding_is_not_a_fallback(tmp_path, monkeypatch, error, logged):
+    import src.gpu_data as gpu_data
+
+    def out_of_memory(data, **kwargs):
+        raise error
+    monkeypatch.setattr(gpu_data, "decode_jpeg", out_of_memory)
+    with pytest.raises(type(error), match="out of memory"):
+        decode(jpeg_batch(tmp_path), torch.device("cpu"))
+    assert not logged

@@ -1,6 +1,8 @@
 """Throughput of the ReSA training step, side by side in one run: the authors'
 configuration (float16 autocast on CUDA / fp32 on CPU, NCHW, eager, per-tensor SGD)
-against each of this repository's options alone and together.
+against each of this repository's options alone and together. Every row steps the
+authors' per-tensor SGD loop unless it names another kernel (`fused`, or `foreach`:
+torch's multi-tensor loop, its own choice on CUDA when --fused is off).
 
     python tools/benchmark.py --arch resnet50 --batch_size 256 --steps 30 --json bench.json
     python tools/benchmark.py --arch resnet18 --dataset demo --batch_size 64 --steps 5 --configs authors fused bf16
@@ -12,8 +14,9 @@ and optimizer step. `synthetic` batches live on the device already (the step alo
 augmentation with PIL in --workers processes), `--gpu_loader` from the GPU data
 backend (workers read bytes, the device decodes and augments), so that data stalls
 show; `--pipeline` measures the data pipelines alone (PIL on one core and with
---workers, the GPU backend). Prints markdown tables; `--json` writes the figures with
-the machine, versions and date.
+--workers, the GPU backend). Each row is printed and written to `--json` (with the
+machine, versions and date) as soon as it is measured, so a run cut off by a time limit
+keeps every finished row; the markdown table comes at the end.
 """
 import argparse
 import datetime
@@ -43,6 +46,7 @@ from src.train_loop import reduce_step  # noqa: E402
 # name: flags over the authors' configuration (main.py's flags, so every one is a user option)
 CONFIGS = {
     "authors": [],
+    "foreach": [],
     "channels_last": ["--channels_last", "True"],
     "fused": ["--fused", "True"],
     "bf16": ["--precision", "bf16"],
@@ -53,6 +57,7 @@ CONFIGS = {
                           "--precision", "bf16"],
 }
 OFF = ["--channels_last", "False", "--fused", "False"]  # the authors' defaults everywhere
+MULTI_TENSOR = {"foreach"}  # the other rows step per tensor (or fused), as the authors' SGD
 
 
 def bench_args(bench, flags):
@@ -64,13 +69,13 @@ def bench_args(bench, flags):
     return args
 
 
-def build(bench, flags, device):
-    """(model, AmpOptimizer, args) of one configuration, from the same seeded init."""
-    args = bench_args(bench, flags)
+def build(bench, name, device):
+    """(model, AmpOptimizer, args) of configuration `name`, from the same seeded init."""
+    args = bench_args(bench, CONFIGS[name])
     torch.manual_seed(0)
     model = speed_up(get_method(args).to(device).train(), args.channels_last, args.compile)
-    amp = AmpOptimizer(build_optimizer(model, 0.1, args), device, args.precision)
-    return model, amp, args
+    optimizer = build_optimizer(model, 0.1, args, foreach=name in MULTI_TENSOR)
+    return model, AmpOptimizer(optimizer, device, args.precision), args
 
 
 def step(model, amp, views, device):
@@ -143,7 +148,7 @@ def release(device):
 def measure(bench, name, device, data_path=None, backend="pil"):
     """Samples/s, ms per step and peak device memory of configuration `name`."""
     release(device)
-    model, amp, args = build(bench, CONFIGS[name], device)
+    model, amp, args = build(bench, name, device)
     batches = (loader_batches(bench, args, device, data_path, backend) if data_path
                else synthetic_batches(bench, args, device))
     cuda = device.type == "cuda"
@@ -167,18 +172,42 @@ def write_jpegs(folder, count, size):
     return Path(folder)
 
 
-def table(results):
+TABLE_HEAD = ["| configuration | input | samples/s | vs authors | ms/step | peak memory |",
+              "|---|---|---|---|---|---|"]
+
+
+def table_line(row, results):
+    """The markdown line of `row`, against the authors' row of its input in `results`."""
     base = {r["input"]: r["samples_per_s"] for r in results if r["config"] == "authors"}
     base["gpu loader"] = base.get("loader")
-    lines = ["| configuration | input | samples/s | vs authors | ms/step | peak memory |",
-             "|---|---|---|---|---|---|"]
-    for r in results:
-        ratio = (f"{r['samples_per_s'] / base[r['input']]:.2f}x" if base.get(r["input"])
-                 else "-")
-        memory = f"{r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] is not None else "-"
-        lines.append(f"| {r['config']} | {r['input']} | {r['samples_per_s']:.1f} | "
-                     f"{ratio} | {r['ms_per_step']:.1f} | {memory} |")
-    return lines
+    ratio = f"{row['samples_per_s'] / base[row['input']]:.2f}x" if base.get(row["input"]) else "-"
+    memory = f"{row['peak_memory_gib']:.1f} GiB" if row["peak_memory_gib"] is not None else "-"
+    return (f"| {row['config']} | {row['input']} | {row['samples_per_s']:.1f} | {ratio} | "
+            f"{row['ms_per_step']:.1f} | {memory} |")
+
+
+def table(results):
+    return TABLE_HEAD + [table_line(row, results) for row in results]
+
+
+class Report:
+    """The rows measured so far: each printed and the JSON rewritten as it comes."""
+
+    def __init__(self, bench, device):
+        self.gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
+        self.path, self.results = bench.json, []
+        self.head = {"date": datetime.date.today().isoformat(), "device": self.gpu or "cpu",
+                     "cpu": platform.processor() or platform.machine(),
+                     "torch": torch.__version__, "command": " ".join(sys.argv),
+                     "settings": vars(bench)}
+
+    def add(self, row):
+        self.results.append(row)
+        print(table_line(row, self.results), flush=True)
+        if self.path:
+            temporary = Path(self.path + ".tmp")
+            temporary.write_text(json.dumps({**self.head, "results": self.results}, indent=2))
+            temporary.replace(self.path)
 
 
 def main():
@@ -223,7 +252,13 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
 
-    results = [measure(bench, name, device) for name in bench.configs]
+    report = Report(bench, device)
+    header = (f"{bench.arch}, {bench.views} views of {bench.crop} px, batch {bench.batch_size}, "
+              f"on {report.gpu or f'CPU ({torch.get_num_threads()} threads)'}, "
+              f"torch {torch.__version__}")
+    print(header, *TABLE_HEAD, sep="\n", flush=True)
+    for name in bench.configs:
+        report.add(measure(bench, name, device))
     if bench.loader is not None or bench.gpu_loader is not None or bench.pipeline:
         with tempfile.TemporaryDirectory() as tmp:
             data = Path(bench.data_path) if bench.data_path else write_jpegs(
@@ -231,23 +266,12 @@ def main():
             if bench.pipeline:
                 for backend, workers in (("pil", 0), ("pil", bench.workers),
                                          ("gpu", bench.workers)):
-                    results.append(pipeline(bench, device, data, backend, workers))
+                    report.add(pipeline(bench, device, data, backend, workers))
             for name in (bench.loader or ["authors", "ours"]) if bench.loader is not None else []:
-                results.append(measure(bench, name, device, data))
+                report.add(measure(bench, name, device, data))
             for name in (bench.gpu_loader or ["ours"]) if bench.gpu_loader is not None else []:
-                results.append(measure(bench, name, device, data, backend="gpu"))
-
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
-    header = (f"{bench.arch}, {bench.views} views of {bench.crop} px, batch {bench.batch_size}, "
-              f"on {gpu or f'CPU ({torch.get_num_threads()} threads)'}, torch {torch.__version__}")
-    print(header)
-    print("\n".join(table(results)))
-    if bench.json:
-        report = {"date": datetime.date.today().isoformat(), "device": gpu or "cpu",
-                  "cpu": platform.processor() or platform.machine(),
-                  "torch": torch.__version__, "command": " ".join(sys.argv),
-                  "settings": vars(bench), "results": results}
-        Path(bench.json).write_text(json.dumps(report, indent=2))
+                report.add(measure(bench, name, device, data, backend="gpu"))
+    print(f"\n{header}", *table(report.results), sep="\n")
 
 
 if __name__ == "__main__":
