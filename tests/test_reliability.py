@@ -29,7 +29,7 @@ from helpers_eval import fast_flags
 from helpers_run import ONE, REPO, TINY, digest, launch, one_line, run_main, wait_for
 from src.data import pretrain_images, read_rgb
 from src.demo_data import MARKER, generate_demo_dataset, make_image
-from src.errors import UsageError, script_entry
+from src.errors import script_entry
 from src.gpu_data import read_encoded
 from src.runtime import lock_dump_path
 
@@ -79,20 +79,18 @@ def assert_all_gone(process, output):
     assert not left, f"processes left behind: {left}\n{output[-3000:]}"
 
 
-def image_folder(root, good, bad=0, size=16):
-    """root/train/c{0,1,2}/ with `good` JPEGs and `bad` files that are not images."""
+def image_folder(root, images):
+    """root/train/c{0,1,2}/ with `images` small JPEGs in all."""
     rng = np.random.default_rng(0)
-    for i in range(good + bad):
+    for i in range(images):
         folder = root / "train" / f"c{i % 3}"
         folder.mkdir(parents=True, exist_ok=True)
-        if i < good:
-            make_image(i % 3, rng, size=size).save(folder / f"{i}.JPEG")
-        else:
-            (folder / f"{i}.JPEG").write_bytes(b"not an image")
+        make_image(i % 3, rng, size=16).save(folder / f"{i}.JPEG")
     return root
 
 
 FOLDER_FLAGS = ["--dataset", "imagenet", "--crops_size", "16", "--size_dataset", "-1"]
+SHORT = ["--size_dataset", "16", "--checkpoint_iters", "0"]  # 2 steps per epoch
 
 
 # ------------------------------------------------------- 0. every way out ends every process
@@ -101,27 +99,24 @@ FOLDER_FLAGS = ["--dataset", "imagenet", "--crops_size", "16", "--size_dataset",
     ("exception", ["--workers", "2"], 1, 1),
     ("exception", ["--workers", "1", "--data_backend", "gpu"], 1, 1),
     ("exception", ["--workers", "1"], 2, 1),
-    ("non-finite loss", ["--workers", "2", "--temperature", "1e-30"], 1, 1),
-    ("usage error", ["--workers", "2", "--data_backend", "gpu"], 1, 2),
     ("stop signal to the group", ["--workers", "2", "--data_backend", "gpu"], 1, 75),
 ])
 def test_every_way_out_ends_every_process_within_seconds(way, flags, processes, expected,
                                                          demo_path, tmp_path):
-    """A failure inside a step with loader workers used to hang for ever: the workers
-    ignore SIGTERM, and multiprocessing waited for them at interpreter exit."""
-    faults, data = {}, demo_path
+    """An exception inside a step with loader workers used to hang for ever: the
+    workers ignore SIGTERM, the traceback kept their iterator alive, and
+    multiprocessing waited for them at interpreter exit. (The other ways out, with 0,
+    1 and 2 workers and both backends, were checked once by hand: see issue 14.)"""
+    faults = {}
     if way == "exception":  # on the last rank: a peer must not wait for it for ever
         faults = {"RESA_RAISE": f"{processes - 1}:forward:3"}
-    elif way == "usage error":  # too many unreadable images, found inside the epoch
-        data = str(image_folder(tmp_path / "data", good=20, bad=80))
-        flags = [*flags, *FOLDER_FLAGS, "--batch_size", "25"]
-    run = launch(tmp_path / "run", data, *flags, processes=processes, faults=faults,
+    run = launch(tmp_path / "run", demo_path, *flags, processes=processes, faults=faults,
                  wait=False)
     if way.startswith("stop"):
         wait_for(tmp_path / "run" / "out.log", "epoch 1/2 iter 2/8")
         os.killpg(run.pid, signal.SIGTERM)  # as a terminal's or SLURM's signal would
-    marker = {"exception": "crash_run: injected failure", "non-finite loss": "loss is",
-              "usage error": "error:", "stop signal to the group": "stopping on"}
+    marker = {"exception": "crash_run: injected failure", "stop signal to the group":
+              "stopping on"}
     code, output, seconds = watch(run, marker[way])
     assert code == expected and ("Traceback" in output) == (way == "exception"), \
         output[-3000:]
@@ -137,17 +132,16 @@ def test_no_child_process_outlives_a_script_and_ctrl_c_is_one_line(capsys):
         time.sleep(60)
 
     @script_entry
-    def failing(error):
+    def failing(error):  # after starting a child that nobody stops
         multiprocessing.get_context("fork").Process(target=stubborn, daemon=True).start()
         raise error
 
-    for error, code in ((UsageError("bad flag"), 2), (KeyboardInterrupt(), 130)):
-        started = time.monotonic()
-        with pytest.raises(SystemExit) as stop:
-            failing(error)
-        assert stop.value.code == code and time.monotonic() - started < 10
-        assert not multiprocessing.active_children()
-        assert "error:" in one_line(capsys)
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as stop:
+        failing(KeyboardInterrupt())
+    assert stop.value.code == 130 and time.monotonic() - started < 10
+    assert not multiprocessing.active_children()
+    assert one_line(capsys).endswith("error: interrupted (Ctrl-C)")
 
 
 # ------------------------------------------------------------------ 1. a full disk
@@ -155,12 +149,11 @@ def test_no_child_process_outlives_a_script_and_ctrl_c_is_one_line(capsys):
 def test_a_file_size_limit_during_a_save_exits_74_with_one_line(demo_path, tmp_path):
     """A real limit (RLIMIT_FSIZE, as `ulimit -f`): torch.save raises a RuntimeError on
     top of the OSError; the old checkpoint stays and no temporary file is left."""
-    small = ["--size_dataset", "16", "--checkpoint_iters", "0"]  # 2 steps per epoch
-    assert run_main(tmp_path, demo_path, *small, "--epochs", "1") == 0
+    assert run_main(tmp_path, demo_path, *SHORT, "--epochs", "1") == 0
     before = digest(tmp_path / "checkpoint.pth.tar")
     limit = 4 << 20  # out.log and the TensorBoard events fit, a checkpoint does not
     command = [sys.executable, "main.py", *TINY, *ONE, "--workers", "0", "--data_path",
-               demo_path, "--dump_path", str(tmp_path), *small]
+               demo_path, "--dump_path", str(tmp_path), *SHORT]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"},
                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE,
@@ -201,7 +194,7 @@ def test_a_second_run_on_a_dump_path_in_use_is_refused(demo_path, tmp_path, caps
     assert stray.is_file() and not (tmp_path / "checkpoint.pth.tar").exists()
     os.kill(holder, signal.SIGKILL)
     os.waitpid(holder, 0)
-    assert run_main(tmp_path, demo_path, "--epochs", "1", "--checkpoint_iters", "0") == 0
+    assert run_main(tmp_path, demo_path, *SHORT, "--epochs", "1") == 0
     assert not stray.exists()  # ours to remove now
     with open(tmp_path / ".lock") as lock:  # released at the end of the run
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -211,15 +204,16 @@ def test_a_second_run_on_a_dump_path_in_use_is_refused(demo_path, tmp_path, caps
 
 def test_an_unreadable_newest_checkpoint_is_set_aside_not_rotated_over_the_good_one(
         demo_path, tmp_path, monkeypatch):
-    assert run_main(tmp_path, demo_path, "--epochs", "1", "--checkpoint_iters", "4") == 0
+    flags = ["--size_dataset", "32", "--checkpoint_iters", "2"]  # 4 steps per epoch
+    assert run_main(tmp_path, demo_path, *flags, "--epochs", "1") == 0
     previous = tmp_path / "checkpoint.prev.pth.tar"
     good = digest(previous)
     (tmp_path / "checkpoint.pth.tar").write_bytes(b"")
     arm(0, "forward", 1, send("TERM"), monkeypatch.setattr)  # stop after the first save
-    assert run_main(tmp_path, demo_path) == 75
+    assert run_main(tmp_path, demo_path, *flags) == 75
     assert digest(previous) == good
     newest = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
-    assert (newest["epoch"], newest["iteration"]) == (0, 5)
+    assert (newest["epoch"], newest["iteration"]) == (0, 3)
     aside = list(tmp_path.glob("checkpoint.bad-*.pth.tar"))
     assert len(aside) == 1 and aside[0].stat().st_size == 0
 
@@ -236,7 +230,7 @@ def test_a_folder_where_the_checkpoint_goes_is_refused_before_training(demo_path
     dump = tmp_path / "temp"
     (dump / ".tmp-folder.pth").mkdir(parents=True)
     (dump / ".tmp-file.pth").write_bytes(b"half")
-    assert run_main(dump, demo_path, "--epochs", "1", "--checkpoint_iters", "0") == 0
+    assert run_main(dump, demo_path, *SHORT, "--epochs", "1") == 0
     assert (dump / ".tmp-folder.pth").is_dir() and not (dump / ".tmp-file.pth").exists()
 
 
@@ -258,11 +252,11 @@ def test_non_finite_flags_are_refused(script, flag, value, capsys):
 def test_diverged_weights_are_never_checkpointed(demo_path, tmp_path, monkeypatch):
     """A NaN learning rate: the first loss is finite, the weights after it are not.
     The due checkpoint is refused, so the one kept is really the last good one."""
-    assert run_main(tmp_path, demo_path, "--epochs", "1", "--checkpoint_iters", "0") == 0
+    assert run_main(tmp_path, demo_path, *SHORT, "--epochs", "1") == 0
     good = digest(tmp_path / "checkpoint.pth.tar")
     monkeypatch.setattr(main_script, "lr_schedule",
                         lambda args, lr, n: np.full(args.epochs * n, np.nan))
-    assert run_main(tmp_path, demo_path, "--checkpoint_iters", "1") == 1
+    assert run_main(tmp_path, demo_path, *SHORT, "--checkpoint_iters", "1") == 1
     assert digest(tmp_path / "checkpoint.pth.tar") == good
     log = (tmp_path / "out.log").read_text()
     assert "the weights are not finite at epoch 2, iteration 1" in log
@@ -288,8 +282,7 @@ def test_a_loadable_file_of_another_shape_is_one_line(content, problem, demo_pat
 
 def test_a_checkpoint_with_an_entry_of_the_wrong_type_is_one_line(demo_path, tmp_path,
                                                                   capsys):
-    small = ["--size_dataset", "16", "--checkpoint_iters", "0"]
-    assert run_main(tmp_path / "run", demo_path, *small, "--epochs", "1") == 0
+    assert run_main(tmp_path / "run", demo_path, *SHORT, "--epochs", "1") == 0
     good = torch.load(tmp_path / "run" / "checkpoint.pth.tar", weights_only=True)
     for entry, value, problem in (("epoch", "one", "epoch is a str"),
                                   ("loop", {"loss_sum": 0.0}, "no loop.data"),
@@ -299,7 +292,7 @@ def test_a_checkpoint_with_an_entry_of_the_wrong_type_is_one_line(demo_path, tmp
         dump.mkdir()
         torch.save({**good, entry: value}, dump / "checkpoint.pth.tar")
         capsys.readouterr()
-        assert run_main(dump, demo_path, *small) == 2, entry
+        assert run_main(dump, demo_path, *SHORT) == 2, entry
         line = one_line(capsys)
         assert "is not a main.py checkpoint" in line and problem in line
 
@@ -412,7 +405,7 @@ def test_a_16_bit_png_reads_as_its_8_bit_grey_in_both_data_backends(tmp_path):
 
 
 def test_a_symlink_loop_in_a_class_folder_lists_each_image_once(tmp_path, log_lines):
-    root = image_folder(tmp_path / "data", good=9)
+    root = image_folder(tmp_path / "data", 9)
     (root / "train" / "c1" / "nested").mkdir()
     make_image(1, np.random.default_rng(1), size=16).save(root / "train" / "c1" / "nested"
                                                           / "n.JPEG")
@@ -424,12 +417,13 @@ def test_a_symlink_loop_in_a_class_folder_lists_each_image_once(tmp_path, log_li
     assert "a symbolic link loop" in " ".join(log_lines)
 
 
-def test_a_dataset_changed_between_stop_and_resume_is_reported(tmp_path):
-    data = image_folder(tmp_path / "data", good=30)
+def test_a_dataset_changed_between_stop_and_resume_is_reported(tmp_path, monkeypatch):
+    data = image_folder(tmp_path / "data", 30)
     flags = [*FOLDER_FLAGS, "--batch_size", "10", "--checkpoint_iters", "0"]
     assert run_main(tmp_path / "run", str(data), *flags, "--epochs", "1") == 0
     (data / "train" / "c0" / "0.JPEG").rename(data / "train" / "c0" / "renamed.JPEG")
-    assert run_main(tmp_path / "run", str(data), *flags, "--epochs", "2") == 0
+    arm(0, "data", 1, send("TERM"), monkeypatch.setattr)  # resume, then stop at once
+    assert run_main(tmp_path / "run", str(data), *flags) == 75
     log = (tmp_path / "run" / "out.log").read_text()
     assert "the training set changed since" in log
     assert "(30 -> 30 images and its file list differs)" in log
