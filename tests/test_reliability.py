@@ -7,6 +7,7 @@ import fcntl
 import multiprocessing
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -93,16 +94,29 @@ FOLDER_FLAGS = ["--dataset", "imagenet", "--crops_size", "16", "--size_dataset",
 SHORT = ["--size_dataset", "16", "--checkpoint_iters", "0"]  # 2 steps per epoch
 
 
-# ------------------------------------------------------- 0. every way out ends every process
+@pytest.fixture(scope="module")
+def short_run(demo_path, tmp_path_factory):
+    """The dump folder of a finished one-epoch SHORT run, its previous checkpoint at
+    iteration 1 (tests work on copies)."""
+    dump = tmp_path_factory.mktemp("short_run")
+    assert run_main(dump, demo_path, *SHORT, "--epochs", "1", "--checkpoint_iters", "1") == 0
+    return dump
+
+
+def copy_of(dump, parent):
+    """A copy of the dump folder `dump` in `parent`/run."""
+    return Path(shutil.copytree(dump, parent / "run"))
+
+
+# ------------------------------------------------- 0. a crash or a stop ends every process
 
 @pytest.mark.parametrize("way,flags,processes,expected", [
     ("exception", ["--workers", "2"], 1, 1),
-    ("exception", ["--workers", "1", "--data_backend", "gpu"], 1, 1),
-    ("exception", ["--workers", "1"], 2, 1),
+    ("exception", ["--workers", "1", "--data_backend", "gpu"], 2, 1),
     ("stop signal to the group", ["--workers", "2", "--data_backend", "gpu"], 1, 75),
 ])
-def test_every_way_out_ends_every_process_within_seconds(way, flags, processes, expected,
-                                                         demo_path, tmp_path):
+def test_a_crash_or_a_stop_ends_every_process_within_seconds(way, flags, processes,
+                                                             expected, demo_path, tmp_path):
     """An exception inside a step with loader workers used to hang for ever: the
     workers ignore SIGTERM, the traceback kept their iterator alive, and
     multiprocessing waited for them at interpreter exit. (The other ways out, with 0,
@@ -148,12 +162,11 @@ def test_no_child_process_outlives_a_script_and_ctrl_c_is_one_line(capsys):
 
 def test_a_file_size_limit_during_a_save_exits_74_with_one_line(demo_path, tmp_path):
     """A real limit (RLIMIT_FSIZE, as `ulimit -f`): torch.save raises a RuntimeError on
-    top of the OSError; the old checkpoint stays and no temporary file is left."""
-    assert run_main(tmp_path, demo_path, *SHORT, "--epochs", "1") == 0
-    before = digest(tmp_path / "checkpoint.pth.tar")
+    top of the OSError. No temporary file is left (that the old checkpoint stays intact
+    is tested with a simulated full disk in test_fault_tolerance.py)."""
     limit = 4 << 20  # out.log and the TensorBoard events fit, a checkpoint does not
-    command = [sys.executable, "main.py", *TINY, *ONE, "--workers", "0", "--data_path",
-               demo_path, "--dump_path", str(tmp_path), *SHORT]
+    command = [sys.executable, "main.py", *TINY, *ONE, *SHORT, "--workers", "0",
+               "--data_path", demo_path, "--dump_path", str(tmp_path)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"},
                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE,
@@ -162,8 +175,7 @@ def test_a_file_size_limit_during_a_save_exits_74_with_one_line(demo_path, tmp_p
     assert result.returncode == 74, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and len(errors) == 1
     assert "cannot write" in errors[0] and "File too large" in errors[0]
-    assert digest(tmp_path / "checkpoint.pth.tar") == before
-    assert not list(tmp_path.glob(".tmp-*"))
+    assert not list(tmp_path.glob(".tmp-*")) and not list(tmp_path.glob("*.pth*"))
 
 
 # ------------------------------------------------------ 2. one run per dump folder
@@ -181,44 +193,45 @@ def hold_the_lock(path):
     return pid
 
 
-def test_a_second_run_on_a_dump_path_in_use_is_refused(demo_path, tmp_path, capsys):
+def test_a_second_run_on_a_dump_path_in_use_is_refused(short_run, demo_path, tmp_path,
+                                                       capsys):
     """Another process holds the folder: one line naming it, and its temporary file
     is not touched. Once the holder is SIGKILLed the folder is free again."""
-    stray = tmp_path / ".tmp-of-the-other-run.pth"
+    dump = copy_of(short_run, tmp_path)
+    stray = dump / ".tmp-of-the-other-run.pth"
     stray.write_bytes(b"being written")
-    holder = hold_the_lock(tmp_path)
+    holder = hold_the_lock(dump)
     capsys.readouterr()
-    assert run_main(tmp_path, demo_path, "--epochs", "1") == 2
+    assert run_main(dump, demo_path, *SHORT, "--epochs", "1") == 2
     line = one_line(capsys)
     assert f"pid {holder} on {socket.gethostname()}" in line and "in use" in line
-    assert stray.is_file() and not (tmp_path / "checkpoint.pth.tar").exists()
+    assert stray.is_file() and "in use" not in (dump / "out.log").read_text()
     os.kill(holder, signal.SIGKILL)
     os.waitpid(holder, 0)
-    assert run_main(tmp_path, demo_path, *SHORT, "--epochs", "1") == 0
+    assert run_main(dump, demo_path, *SHORT, "--epochs", "1") == 0  # nothing left to train
     assert not stray.exists()  # ours to remove now
-    with open(tmp_path / ".lock") as lock:  # released at the end of the run
+    with open(dump / ".lock") as lock:  # released at the end of the run
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 # ------------------------------------------------- 3, 4. what lies where checkpoints go
 
 def test_an_unreadable_newest_checkpoint_is_set_aside_not_rotated_over_the_good_one(
-        demo_path, tmp_path, monkeypatch):
-    flags = ["--size_dataset", "32", "--checkpoint_iters", "2"]  # 4 steps per epoch
-    assert run_main(tmp_path, demo_path, *flags, "--epochs", "1") == 0
-    previous = tmp_path / "checkpoint.prev.pth.tar"
-    good = digest(previous)
-    (tmp_path / "checkpoint.pth.tar").write_bytes(b"")
+        short_run, demo_path, tmp_path, monkeypatch):
+    dump = copy_of(short_run, tmp_path)
+    previous = dump / "checkpoint.prev.pth.tar"
+    good = digest(previous)  # at iteration 1
+    (dump / "checkpoint.pth.tar").write_bytes(b"")
     arm(0, "forward", 1, send("TERM"), monkeypatch.setattr)  # stop after the first save
-    assert run_main(tmp_path, demo_path, *flags) == 75
+    assert run_main(dump, demo_path, *SHORT) == 75
     assert digest(previous) == good
-    newest = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
-    assert (newest["epoch"], newest["iteration"]) == (0, 3)
-    aside = list(tmp_path.glob("checkpoint.bad-*.pth.tar"))
+    newest = torch.load(dump / "checkpoint.pth.tar", weights_only=True)
+    assert (newest["epoch"], newest["iteration"]) == (1, 0)
+    aside = list(dump.glob("checkpoint.bad-*.pth.tar"))
     assert len(aside) == 1 and aside[0].stat().st_size == 0
 
 
-def test_a_folder_where_the_checkpoint_goes_is_refused_before_training(demo_path,
+def test_a_folder_where_the_checkpoint_goes_is_refused_before_training(short_run, demo_path,
                                                                        tmp_path, capsys):
     for name in ("checkpoint.pth.tar", "checkpoint.prev.pth.tar"):
         dump = tmp_path / name.split(".")[1]
@@ -227,10 +240,10 @@ def test_a_folder_where_the_checkpoint_goes_is_refused_before_training(demo_path
         assert run_main(dump, demo_path) == 2
         assert "is not a file" in one_line(capsys)
         assert (dump / name).is_dir() and " iter " not in (dump / "out.log").read_text()
-    dump = tmp_path / "temp"
-    (dump / ".tmp-folder.pth").mkdir(parents=True)
+    dump = copy_of(short_run, tmp_path / "temp")
+    (dump / ".tmp-folder.pth").mkdir()
     (dump / ".tmp-file.pth").write_bytes(b"half")
-    assert run_main(dump, demo_path, *SHORT, "--epochs", "1") == 0
+    assert run_main(dump, demo_path, *SHORT, "--epochs", "1") == 0  # nothing left to train
     assert (dump / ".tmp-folder.pth").is_dir() and not (dump / ".tmp-file.pth").exists()
 
 
@@ -249,16 +262,17 @@ def test_non_finite_flags_are_refused(script, flag, value, capsys):
     assert stop.value.code == 2 and len(err) == 1 and "must be a finite number" in err[0]
 
 
-def test_diverged_weights_are_never_checkpointed(demo_path, tmp_path, monkeypatch):
+def test_diverged_weights_are_never_checkpointed(short_run, demo_path, tmp_path,
+                                                monkeypatch):
     """A NaN learning rate: the first loss is finite, the weights after it are not.
     The due checkpoint is refused, so the one kept is really the last good one."""
-    assert run_main(tmp_path, demo_path, *SHORT, "--epochs", "1") == 0
-    good = digest(tmp_path / "checkpoint.pth.tar")
+    dump = copy_of(short_run, tmp_path)
+    good = digest(dump / "checkpoint.pth.tar")
     monkeypatch.setattr(main_script, "lr_schedule",
                         lambda args, lr, n: np.full(args.epochs * n, np.nan))
-    assert run_main(tmp_path, demo_path, *SHORT, "--checkpoint_iters", "1") == 1
-    assert digest(tmp_path / "checkpoint.pth.tar") == good
-    log = (tmp_path / "out.log").read_text()
+    assert run_main(dump, demo_path, *SHORT, "--checkpoint_iters", "1") == 1
+    assert digest(dump / "checkpoint.pth.tar") == good
+    log = (dump / "out.log").read_text()
     assert "the weights are not finite at epoch 2, iteration 1" in log
     assert "no checkpoint was written; the last good checkpoint" in log
 
@@ -280,10 +294,9 @@ def test_a_loadable_file_of_another_shape_is_one_line(content, problem, demo_pat
     assert "is not a main.py checkpoint" in line and problem in line
 
 
-def test_a_checkpoint_with_an_entry_of_the_wrong_type_is_one_line(demo_path, tmp_path,
-                                                                  capsys):
-    assert run_main(tmp_path / "run", demo_path, *SHORT, "--epochs", "1") == 0
-    good = torch.load(tmp_path / "run" / "checkpoint.pth.tar", weights_only=True)
+def test_a_checkpoint_with_an_entry_of_the_wrong_type_is_one_line(short_run, demo_path,
+                                                                  tmp_path, capsys):
+    good = torch.load(short_run / "checkpoint.pth.tar", weights_only=True)
     for entry, value, problem in (("epoch", "one", "epoch is a str"),
                                   ("loop", {"loss_sum": 0.0}, "no loop.data"),
                                   ("optimizer", {"state": {}}, "no optimizer.param_groups"),
@@ -422,7 +435,7 @@ def test_a_dataset_changed_between_stop_and_resume_is_reported(tmp_path, monkeyp
     flags = [*FOLDER_FLAGS, "--batch_size", "10", "--checkpoint_iters", "0"]
     assert run_main(tmp_path / "run", str(data), *flags, "--epochs", "1") == 0
     (data / "train" / "c0" / "0.JPEG").rename(data / "train" / "c0" / "renamed.JPEG")
-    arm(0, "data", 1, send("TERM"), monkeypatch.setattr)  # resume, then stop at once
+    arm(0, "forward", 1, send("TERM"), monkeypatch.setattr)  # resume, then stop at once
     assert run_main(tmp_path / "run", str(data), *flags) == 75
     log = (tmp_path / "run" / "out.log").read_text()
     assert "the training set changed since" in log
