@@ -7,6 +7,7 @@ flags it reads. Defaults that depend on the dataset, the architecture or the scr
 are resolved after parsing (see `resolve_defaults`).
 """
 import argparse
+import math
 import sys
 
 import torch
@@ -322,6 +323,10 @@ def resolve_defaults(args):
 
 def check_args(parser, args):
     """Reject inconsistent flags at start-up instead of crashing later."""
+    for name, value in vars(args).items():  # NaN passes every comparison below
+        if any(isinstance(v, float) and not math.isfinite(v)
+               for v in (value if isinstance(value, list) else [value])):
+            parser.error(f"--{name} must be a finite number, got {value}")
     lists = ("crops_nmb", "crops_size", "crops_min_scale", "crops_max_scale",
              "solarization_prob")
     lengths = {name: len(getattr(args, name)) for name in lists}

@@ -11,7 +11,7 @@ import torch
 from args import get_args
 from src.distributed import is_main_process, run_distributed
 from src.engine import extract_features, extract_shard
-from src.errors import exit_on_usage_error
+from src.errors import script_entry
 from src.eval_data import eval_datasets
 from src.knn import knn_classifier, knn_eval
 from src.logger import save_results
@@ -52,7 +52,7 @@ def evaluate(args):
     return results
 
 
-@exit_on_usage_error
+@script_entry
 def main(argv=None):
     run_distributed(evaluate, get_args(argv, "eval_knn"))
 

@@ -6,6 +6,7 @@ change; this is checked bit for bit at the end of the run. `--train_percent 1|10
 trains on the standard ImageNet subsets. Top-1/top-5 on val are measured every epoch;
 `checkpoint.pth.tar` (resumed automatically) and `best.pth.tar` go to --dump_path.
 """
+import functools
 import os
 import sys
 
@@ -18,13 +19,14 @@ from args import get_args
 from src.distributed import (all_reduce_sum, is_main_process, main_process_first,
                              run_distributed, wrap_ddp)
 from src.engine import progress
-from src.errors import UsageError, exit_on_usage_error
+from src.errors import UsageError, script_entry
 from src.eval_data import eval_datasets
 from src.loader import eval_loader, train_loader
 from src.logger import ScalarWriter, save_results
 from src.metrics import percent, topk_correct
 from src.models import build_encoder, input_format, speed_up
 from src.optim import AmpOptimizer
+from src.preemption import StopSignals
 from src.pretrained import broadcast_from_rank0, load_pretrained_encoder
 from src.runtime import start_run
 from src.schedules import scaled_lr
@@ -104,14 +106,14 @@ def validate(model, dataset, args, amp):
     """
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=args.device)
-    loader = eval_loader(dataset, args.batch_size, args.workers)
-    for _, images, target in progress(loader, len(loader), "val"):
-        with amp.autocast():
-            logits = model(images.to(args.device, non_blocking=True,
-                                     memory_format=input_format(args.channels_last)))
-        target = target.to(args.device, non_blocking=True)
-        counts[:2] += topk_correct(logits.float(), target, (1, 5))
-        counts[2] += target.shape[0]
+    with eval_loader(dataset, args.batch_size, args.workers) as loader:
+        for _, images, target in progress(loader, len(loader), "val"):
+            with amp.autocast():
+                logits = model(images.to(args.device, non_blocking=True,
+                                         memory_format=input_format(args.channels_last)))
+            target = target.to(args.device, non_blocking=True)
+            counts[:2] += topk_correct(logits.float(), target, (1, 5))
+            counts[2] += target.shape[0]
     all_reduce_sum(counts)
     return percent(counts[0], counts[2]), percent(counts[1], counts[2])
 
@@ -150,7 +152,7 @@ def verify_frozen(encoder, reference, log):
              f"loaded weights")
 
 
-def linear_eval(args):
+def linear_eval(args, signals=None):
     log, run, checkpoint = start_run(args, CHECKPOINT, required=("epoch", "optimizer",
                                                                  "scheduler"))
     encoder, feature_dim = build_encoder(args.arch, args.stem == "cifar")
@@ -191,7 +193,8 @@ def linear_eval(args):
 
     loop = TrainLoop(loader, forward, amp, epochs=args.epochs, device=args.device, save=save,
                      before_step=learning_rates, checkpoint_minutes=args.checkpoint_minutes,
-                     checkpoint_iters=args.checkpoint_iters, log_every=args.log_every)
+                     checkpoint_iters=args.checkpoint_iters, log_every=args.log_every,
+                     signals=signals)
     if checkpoint:
         run.restore(checkpoint, model, amp)
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -236,9 +239,11 @@ def linear_eval(args):
     return scores
 
 
-@exit_on_usage_error
+@script_entry
 def main(argv=None):
-    run_distributed(linear_eval, get_args(argv, "eval_linear"))
+    with StopSignals() as signals:  # first thing: a stop while the data loads counts too
+        run_distributed(functools.partial(linear_eval, signals=signals),
+                        get_args(argv, "eval_linear"))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 CPU runs in fp32 with gloo; CUDA runs with float16 autocast (fp32 on the CIFAR recipe),
 NCCL and SyncBatchNorm. A run resumes from `dump_path/checkpoint.pth.tar` when it exists,
 exactly where it stopped (inside an epoch too); SIGTERM, SIGINT and SIGUSR1 stop it with
-a checkpoint (exit code 75).
+a checkpoint (exit code 75; the other codes: src/errors.py).
 """
+import functools
 import os
 import sys
 
@@ -17,13 +18,14 @@ from src.checkpoint import save_atomic
 from src.data import build_pretrain_dataset
 from src.distributed import (is_main_process, main_process_first, run_distributed,
                              sync_batchnorm, wrap_ddp)
-from src.errors import NonFiniteLoss, UsageError, exit_on_usage_error
+from src.errors import NonFiniteLoss, UsageError, script_entry
 from src.gpu_data import GpuViews, build_encoded_dataset, collate_encoded
 from src.loader import check_batch_fits, train_loader
 from src.logger import ScalarWriter
 from src.models import input_format, pretraining_encoder, speed_up
 from src.monitor import OnlineMonitor
 from src.optim import AmpOptimizer, build_optimizer
+from src.preemption import StopSignals
 from src.runtime import start_run
 from src.schedules import lr_schedule, momentum_schedule, scaled_lr
 from src.train_loop import TrainLoop
@@ -32,7 +34,7 @@ CHECKPOINT = "checkpoint.pth.tar"
 ENCODER_EXPORT = "encoder.pth"
 
 
-def pretrain(args):
+def pretrain(args, signals=None):
     if args.warmup_epochs > args.epochs:
         raise UsageError(f"--warmup_epochs {args.warmup_epochs} exceeds --epochs {args.epochs}")
     # the data is checked before anything is written to --dump_path
@@ -79,7 +81,8 @@ def pretrain(args):
     loop = TrainLoop(loader, forward, amp, epochs=args.epochs, device=args.device,
                      save=lambda position: run.save(position, model, amp, {}),
                      before_step=before_step, checkpoint_minutes=args.checkpoint_minutes,
-                     checkpoint_iters=args.checkpoint_iters, log_every=args.log_every)
+                     checkpoint_iters=args.checkpoint_iters, log_every=args.log_every,
+                     signals=signals)
     if checkpoint:
         run.restore(checkpoint, model, amp)
         loop.load_position(checkpoint)
@@ -102,7 +105,8 @@ def pretrain(args):
                 if monitor and (epoch == 1 or epoch % args.eval_every == 0
                                 or epoch == args.epochs):
                     scores = monitor.evaluate(model.momentum_encoder,  # on every rank
-                                              model.momentum_projector)
+                                              model.momentum_projector,
+                                              check_stop=loop.stop_if_requested)
                     writer.add(loop.step, "monitor/", **scores)
                     log.info(f"monitor after epoch {epoch}: "
                              + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
@@ -121,9 +125,10 @@ def pretrain(args):
         log.info(f"momentum encoder saved in torchvision layout (no fc) to {export}")
 
 
-@exit_on_usage_error
+@script_entry
 def main(argv=None):
-    run_distributed(pretrain, get_args(argv))
+    with StopSignals() as signals:  # first thing: a stop while the data loads counts too
+        run_distributed(functools.partial(pretrain, signals=signals), get_args(argv))
 
 
 if __name__ == "__main__":

@@ -6,15 +6,17 @@ Layout of `checkpoint.pth.tar` (SPEC §4): `epoch` (epochs completed), `state_di
 (iterations done inside the next epoch), `scaler` (AMP), `args` (the flags, as plain
 values) and what an exact continuation needs (see src/resume.py).
 """
+import errno
 import glob
 import os
 import pickle
 import tempfile
+import time
 
 import numpy as np
 import torch
 
-from src.errors import UsageError
+from src.errors import DiskError, UsageError
 from src.logger import get_logger
 
 TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".pth"
@@ -28,13 +30,14 @@ def previous_path(path):
 
 
 def save_atomic(obj, path, keep_previous=False):
-    """Write `obj` to `path` so that a kill at any moment leaves a complete file.
+    """Write `obj` to `path` so that a complete file is there at every moment.
 
     The bytes go to a temporary file in the same folder, are fsynced, and the file is
-    renamed over `path`; with `keep_previous` the old `path` first becomes
-    `previous_path(path)`. A failed write (disk full, quota, permission) is one
-    UsageError naming the path and the OS error; the old files stay as they were and
-    no temporary file is left.
+    renamed over `path`. With `keep_previous` the old `path` first becomes
+    `previous_path(path)` as a second name of the same file (a hard link, itself put in
+    place by a rename), so that a kill between the two renames still leaves `path`. A
+    failed write (disk full, quota, file-size limit) is one DiskError naming the path
+    and the OS error; the old files stay as they were and no temporary file is left.
     """
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
@@ -48,7 +51,7 @@ def save_atomic(obj, path, keep_previous=False):
             f.flush()
             os.fsync(f.fileno())
         if keep_previous and os.path.exists(path):
-            os.replace(path, previous_path(path))
+            keep_as_previous(path, f"{tmp}.prev{TEMP_SUFFIX}")
         os.replace(tmp, path)
         tmp = None
         directory = os.open(folder, os.O_RDONLY)
@@ -56,23 +59,79 @@ def save_atomic(obj, path, keep_previous=False):
             os.fsync(directory)  # the renames themselves survive a power cut
         finally:
             os.close(directory)
-    except OSError as err:
-        raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
+    except (OSError, RuntimeError) as err:
+        cause = os_error(err)
+        if cause is None:
+            raise
+        raise DiskError(f"cannot write {path}: {cause.strerror or cause}") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 
+def keep_as_previous(path, link):
+    """Make `previous_path(path)` a second name of the file at `path`, which stays: a
+    hard link `link`, renamed over the previous copy. A file system without hard links
+    gets a plain rename (a kill before the next rename then leaves only the previous
+    copy, which a restart falls back on)."""
+    try:
+        os.link(path, link)
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise
+        os.replace(path, previous_path(path))
+        return
+    try:
+        os.replace(link, previous_path(path))
+    finally:
+        if os.path.lexists(link):
+            os.remove(link)
+
+
+def os_error(err):
+    """The OSError behind `err`: itself, or the one torch.save's RuntimeError ("unexpected
+    pos ...") was raised on top of; None when the failure is not the file system's."""
+    while err is not None and not isinstance(err, OSError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
 def remove_stray_temp_files(folder):
-    """Delete the temporary files that a run killed while saving left in `folder`."""
+    """Delete the temporary files that a run killed while saving left in `folder` (call
+    it only while holding the folder's lock: another run's files are not stray)."""
     for path in glob.glob(os.path.join(folder, f"{TEMP_PREFIX}*{TEMP_SUFFIX}")):
+        if not os.path.isfile(path) or os.path.islink(path):
+            get_logger().warning(f"{path} is named like a temporary checkpoint file but is "
+                                 f"not a regular file: left alone")
+            continue
         os.remove(path)
         get_logger().info(f"removed {path}, left by a run killed while saving")
 
 
-def newest_checkpoint(path):
+def check_checkpoint_paths(path):
+    """A UsageError if something other than a file sits where the checkpoint (or its
+    previous copy) goes: every save would fail, after training."""
+    for candidate in (path, previous_path(path)):
+        if os.path.lexists(candidate) and not os.path.isfile(candidate):
+            raise UsageError(f"{candidate} is not a file (a folder?) but the run's checkpoint "
+                             f"goes there: move it away or use another --dump_path")
+
+
+def set_aside(path):
+    """Rename the unreadable checkpoint `path` to checkpoint.bad-<time>.pth.tar (kept
+    for inspection, never rotated over a good previous checkpoint); returns the name."""
+    folder, name = os.path.split(path)
+    stem, dot, rest = name.partition(".")
+    aside = os.path.join(folder, f"{stem}.bad-{time.strftime('%Y%m%d-%H%M%S')}{dot}{rest}")
+    os.replace(path, aside)
+    return aside
+
+
+def newest_checkpoint(path, validate=None):
     """(checkpoint, file it came from) of the newest readable checkpoint at `path`, or
-    (None, None) when there is none.
+    (None, None) when there is none. `validate(checkpoint, file)` raises a UsageError
+    for a file that loads but is not a checkpoint of this run's kind: it counts as
+    unreadable.
 
     When `path` is unreadable (or missing while its previous copy exists) the run says so
     and resumes from `previous_path(path)`; when neither loads it stops, rather than
@@ -81,15 +140,22 @@ def newest_checkpoint(path):
     previous = previous_path(path)
     if not os.path.isfile(path) and not os.path.isfile(previous):
         return None, None
+
+    def load(file):
+        checkpoint = load_file(file)
+        if validate is not None:
+            validate(checkpoint, file)
+        return checkpoint
+
     try:
-        return load_file(path), path
+        return load(path), path
     except UsageError as err:
         newest = err
     if not os.path.isfile(previous):
         raise UsageError(f"{newest}; no previous checkpoint {previous} to fall back on: move "
                          f"the file away to start a new run")
     try:
-        checkpoint = load_file(previous)
+        checkpoint = load(previous)
     except UsageError as err:
         raise UsageError(f"{newest}; the previous one is unreadable too ({err}): move both "
                          f"away to start a new run") from None

@@ -31,40 +31,44 @@ def encoding_precision(device, precision):
 
 @torch.no_grad()
 def extract_features(encoder, dataset, batch_size, workers, device, bank_device=None,
-                     normalize=False, desc="features", precision="fp32"):
+                     normalize=False, desc="features", precision="fp32", check_stop=None):
     """Features (float32) and labels of every sample of `dataset`, in dataset order, on
     every rank; the encoder runs under `precision` (see `encoding_precision`).
 
     Each process encodes its own shard; rows are gathered batch by batch with their
     indices, so the bank holds every sample exactly once (no sampler padding).
+    `check_stop`, a collective (e.g. TrainLoop.stop_if_requested), is called between
+    batches on every process: a stop signal then ends the extraction within a batch.
     """
     bank_device = bank_device or device
-    loader = eval_loader(dataset, batch_size, workers)
     shard = math.ceil(len(dataset) / get_world_size())  # the longest shard
     steps = math.ceil(shard / batch_size)  # same count on every rank: collectives match
-    batches = iter(loader)
     bank = labels = None
     was_training = encoder.training
     encoder.eval()
-    for _ in progress(range(steps), steps, desc):
-        index, images, target = next(batches, (None, None, None))
-        if index is None:  # this rank's shard is done; still take part in the gathers
-            index = torch.zeros(0, dtype=torch.long)
-            images = torch.zeros((0, *dataset_shape(dataset)))
-            target = torch.zeros(0, dtype=torch.long)
-        with encoding_precision(device, precision):
-            feats = encoder(images.to(device, non_blocking=True))
-        feats = feats.float()
-        if normalize:
-            feats = F.normalize(feats, dim=1)
-        index = gather_uneven(index.to(device))
-        feats = gather_uneven(feats)
-        target = gather_uneven(torch.as_tensor(target).to(device))
-        if bank is None:
-            bank = torch.zeros(len(dataset), feats.shape[1], device=bank_device)
-            labels = torch.full((len(dataset),), -1, dtype=torch.long, device=bank_device)
-        bank[index.to(bank_device)] = feats.to(bank_device)
-        labels[index.to(bank_device)] = target.to(bank_device)
+    with eval_loader(dataset, batch_size, workers) as loader:
+        batches = iter(loader)
+        for _ in progress(range(steps), steps, desc):
+            if check_stop is not None:
+                check_stop()
+            index, images, target = next(batches, (None, None, None))
+            if index is None:  # this rank's shard is done; still take part in the gathers
+                index = torch.zeros(0, dtype=torch.long)
+                images = torch.zeros((0, *dataset_shape(dataset)))
+                target = torch.zeros(0, dtype=torch.long)
+            with encoding_precision(device, precision):
+                feats = encoder(images.to(device, non_blocking=True))
+            feats = feats.float()
+            if normalize:
+                feats = F.normalize(feats, dim=1)
+            index = gather_uneven(index.to(device))
+            feats = gather_uneven(feats)
+            target = gather_uneven(torch.as_tensor(target).to(device))
+            if bank is None:
+                bank = torch.zeros(len(dataset), feats.shape[1], device=bank_device)
+                labels = torch.full((len(dataset),), -1, dtype=torch.long, device=bank_device)
+            bank[index.to(bank_device)] = feats.to(bank_device)
+            labels[index.to(bank_device)] = target.to(bank_device)
     encoder.train(was_training)
     return bank, labels
 
@@ -79,14 +83,14 @@ def extract_shard(encoder, dataset, batch_size, workers, device, bank_device=Non
     features, labels, indices = [], [], []
     was_training = encoder.training
     encoder.eval()
-    loader = eval_loader(dataset, batch_size, workers)
-    for index, images, target in progress(loader, len(loader), desc):
-        with encoding_precision(device, precision):
-            feats = encoder(images.to(device, non_blocking=True))
-        feats = feats.float()
-        features.append((F.normalize(feats, dim=1) if normalize else feats).to(bank_device))
-        labels.append(torch.as_tensor(target).to(bank_device))
-        indices.append(index.to(bank_device))
+    with eval_loader(dataset, batch_size, workers) as loader:
+        for index, images, target in progress(loader, len(loader), desc):
+            with encoding_precision(device, precision):
+                feats = encoder(images.to(device, non_blocking=True))
+            feats = feats.float()
+            features.append((F.normalize(feats, dim=1) if normalize else feats).to(bank_device))
+            labels.append(torch.as_tensor(target).to(bank_device))
+            indices.append(index.to(bank_device))
     encoder.train(was_training)
     if not features:
         return (torch.zeros(0, 0, device=bank_device),

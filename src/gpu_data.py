@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from src.data import UnreadableImage, dataset_info, pretrain_images
+from src.data import UnreadableImage, as_rgb, dataset_info, pretrain_images
 from src.errors import UsageError
 from src.gpu_views import draw_params, make_views, view_specs
 from src.logger import get_logger
@@ -52,7 +52,7 @@ def read_encoded(path):
             width, height = img.size
             plain = device_decodable(img, raw)
             data = (torch.frombuffer(bytearray(raw), dtype=torch.uint8) if plain
-                    else rgb_tensor(img))
+                    else rgb_tensor(as_rgb(img)))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise UnreadableImage(f"cannot read image {path} ({type(err).__name__}: {err})",
                               str(path)) from None

@@ -118,9 +118,40 @@ def collate_samples(items, collate=default_collate):
 
 def quiet_worker(_worker_id):
     """Loader workers ignore the signals that stop a run: the training process decides
-    when to stop, and a worker killed first would crash the step in progress."""
+    when to stop, and a worker killed first would crash the step in progress. So the
+    process that owns them must stop them (Loader.close); torch's watchdog ends a
+    worker within 5 s of its parent's death."""
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+
+
+class Loader(DataLoader):
+    """A DataLoader (persistent workers when it has workers) that its user closes, on
+    every way out of the loop that reads it (`with loader:` or `close()`).
+
+    Left to the garbage collector, the workers of an iterator that an exception's
+    traceback keeps alive would meet interpreter exit, where torch skips their
+    shutdown and multiprocessing waits forever for workers that ignore SIGTERM.
+    """
+
+    def __init__(self, dataset, workers, **kwargs):
+        super().__init__(dataset, num_workers=workers, worker_init_fn=quiet_worker,
+                         persistent_workers=workers > 0,
+                         pin_memory=torch.cuda.is_available(), **kwargs)
+
+    def close(self):
+        """Stop the worker processes now (torch's own shutdown of its iterator); the
+        next iteration starts new ones."""
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
 
 def check_batch_fits(size, batch_size):
@@ -138,11 +169,8 @@ def train_loader(dataset, batch_size, workers, seed, drop_last=True, collate=def
     sampler = GlobalBatchSampler(len(dataset), batch_size, seed, drop_last)
     with warnings.catch_warnings():  # more workers than cores: start_run logs it instead
         warnings.filterwarnings("ignore", "This DataLoader will create")
-        return DataLoader(SeededSamples(dataset, seed), batch_sampler=sampler,
-                          num_workers=workers,
-                          collate_fn=functools.partial(collate_samples, collate=collate),
-                          pin_memory=torch.cuda.is_available(), worker_init_fn=quiet_worker,
-                          persistent_workers=workers > 0)
+        return Loader(SeededSamples(dataset, seed), workers, batch_sampler=sampler,
+                      collate_fn=functools.partial(collate_samples, collate=collate))
 
 
 class ShardSampler(Sampler):
@@ -173,7 +201,7 @@ class WithIndex(Dataset):
 
 
 def eval_loader(dataset, batch_size, workers):
-    """Sharded, ordered loader over (index, image, label), without duplicates."""
-    return DataLoader(WithIndex(dataset), batch_size=batch_size,
-                      sampler=ShardSampler(len(dataset)), num_workers=workers,
-                      pin_memory=torch.cuda.is_available())
+    """Sharded, ordered loader over (index, image, label), without duplicates; close
+    it after use (a Loader)."""
+    return Loader(WithIndex(dataset), workers, batch_size=batch_size,
+                  sampler=ShardSampler(len(dataset)))

@@ -26,11 +26,13 @@ LINEAR_BATCH = 1000
 LINEAR_LR, LINEAR_FINAL_LR, LINEAR_WD = 1e-2, 1e-6, 5e-6
 
 
-def linear_probe_predict(train_x, train_y, test_x, num_classes, epochs, seed):
+def linear_probe_predict(train_x, train_y, test_x, num_classes, epochs, seed,
+                         check_stop=None):
     """Predictions of a linear classifier trained on frozen features: Adam (lr 1e-2
     decaying exponentially to 1e-6 over `epochs`, weight decay 5e-6), batch 1000.
 
-    Seeded by `seed` alone and leaves the global random state untouched.
+    Seeded by `seed` alone and leaves the global random state untouched. `check_stop`
+    (a collective, see OnlineMonitor.evaluate) runs before each epoch.
     """
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
@@ -42,6 +44,8 @@ def linear_probe_predict(train_x, train_y, test_x, num_classes, epochs, seed):
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
     with torch.enable_grad():
         for _ in range(epochs):
+            if check_stop is not None:
+                check_stop()
             for index in torch.randperm(train_x.shape[0], generator=generator).split(LINEAR_BATCH):
                 index = index.to(train_x.device)
                 loss = F.cross_entropy(classifier(train_x[index]), train_y[index])
@@ -69,26 +73,29 @@ class OnlineMonitor:
         self.train, self.test = eval_datasets(args, "monitor", "monitor")
         self.wknn_k = nearest_k(args.nb_knn)
 
-    def features(self, encoder, dataset, name):
+    def features(self, encoder, dataset, name, check_stop=None):
         args = self.args
         return extract_features(encoder, dataset, args.batch_size, args.workers, args.device,
-                                desc=f"monitor {name} features")
+                                desc=f"monitor {name} features", check_stop=check_stop)
 
-    def evaluate(self, encoder, projector=None):
+    def evaluate(self, encoder, projector=None, check_stop=None):
         """{'knn5_euclid_top1', 'wknn{k}_top1', 'linear_top1'}: top-1 in percent of
         `encoder` (the momentum encoder) on the test set; then 'sc_encoding' and
         'ari_encoding' (silhouette mean and k-means ARI of H), and with `projector`
-        (the momentum projector) 'sc_embedding' and 'ari_embedding' of Z."""
+        (the momentum projector) 'sc_embedding' and 'ari_embedding' of Z.
+        `check_stop` (a collective on every process, e.g. TrainLoop.stop_if_requested)
+        runs between the feature batches and the linear classifier's epochs, so that a
+        stop signal does not wait for the whole evaluation."""
         args = self.args
-        train_x, train_y = self.features(encoder, self.train, "train")
-        test_x, test_y = self.features(encoder, self.test, "test")
+        train_x, train_y = self.features(encoder, self.train, "train", check_stop)
+        test_x, test_y = self.features(encoder, self.test, "test", check_stop)
         total = test_y.shape[0]
         knn5 = euclid_knn_predict(train_x, train_y, test_x, args.num_classes, k=5)
         wknn_top1, _ = knn_classifier(F.normalize(train_x, dim=1), train_y,
                                       F.normalize(test_x, dim=1), test_y, self.wknn_k,
                                       T=args.knn_temperature, num_classes=args.num_classes)
         linear = linear_probe_predict(train_x, train_y, test_x, args.num_classes,
-                                      self.classifier_epochs, args.seed or 0)
+                                      self.classifier_epochs, args.seed or 0, check_stop)
         return {"knn5_euclid_top1": percent((knn5 == test_y).sum(), total),
                 f"wknn{self.wknn_k}_top1": wknn_top1,
                 "linear_top1": percent((linear == test_y).sum(), total),

@@ -3,8 +3,11 @@ checkpoint, and under SLURM a SIGUSR1 requeues the job.
 
 A handler only records the signal; the training loop shares it with every process
 through the all-reduce it does at each step, so it does not matter whether the signal
-reached one process, all of them, or torchrun (which forwards it to each).
+reached one process, all of them, or torchrun (which forwards it to each). The scripts
+install the handlers first thing, so a signal that comes while the data loads is
+recorded too, and the run stops before its first step.
 """
+import contextlib
 import os
 import signal
 import subprocess
@@ -21,11 +24,13 @@ class Preempted(Exception):
 
 class StopSignals:
     """Records SIGTERM / SIGINT / SIGUSR1 while active (a context manager). A second
-    SIGINT stops at once (KeyboardInterrupt), for a user who does not want to wait."""
+    SIGINT stops at once (KeyboardInterrupt), for a user who does not want to wait,
+    except while a checkpoint is written (`deferred`)."""
 
     def __init__(self):
         self.received = set()
         self.previous = {}
+        self.writing = False
 
     def __enter__(self):
         for signum in STOP_SIGNALS:
@@ -38,9 +43,19 @@ class StopSignals:
         return False
 
     def _record(self, signum, _frame):
-        if signum == signal.SIGINT and signum in self.received:
+        if signum == signal.SIGINT and signum in self.received and not self.writing:
             raise KeyboardInterrupt
         self.received.add(signum)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """While a checkpoint is written, a second Ctrl-C is only recorded: the write
+        completes and the run then stops as for the first signal."""
+        self.writing = True
+        try:
+            yield
+        finally:
+            self.writing = False
 
     def flags(self):
         """(stop, requeue) as numbers to all-reduce: requeue means SIGUSR1."""

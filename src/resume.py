@@ -6,17 +6,18 @@ all processes then agree that the file is on disk before going on. A resumed run
 restores the position inside the epoch, the model, the optimizer, the loss scaler and
 each process's random state, and continues bit for bit (on CPU; see the README).
 """
+import functools
 import os
 import random
 
 import numpy as np
 import torch
 
-from src.checkpoint import (load_model_state, newest_checkpoint, plain_args,
-                            remove_stray_temp_files, save_atomic, strip_prefix,
-                            with_module_prefix)
+from src.checkpoint import (check_checkpoint_paths, load_model_state, newest_checkpoint,
+                            plain_args, remove_stray_temp_files, save_atomic, set_aside,
+                            strip_prefix, with_module_prefix)
 from src.distributed import all_gather_objects, all_reduce_sum, get_rank, get_world_size
-from src.errors import UsageError
+from src.errors import DiskError, NonFiniteLoss, UsageError
 from src.logger import get_logger
 from src.optim import load_optimizer_state
 
@@ -96,9 +97,70 @@ def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 
 
+# The entries a resume reads, where present, and their types; a dict lists the
+# entries that such an entry must hold.
+LAYOUT = {
+    "state_dict": dict, "epoch": int, "iteration": int, "scaler": dict, "scheduler": dict,
+    "args": dict, "random_states": list, "optimizer": {"state": dict, "param_groups": list},
+    "loop": {"loss_sum": (int, float), "data": {"reads": int, "bad": int, "files": list}},
+}
+
+
+def layout_problem(entries, layout=LAYOUT, where=""):
+    """What in the dict `entries` does not match `layout` (one phrase), or None."""
+    for name, kind in layout.items():
+        if name not in entries:
+            if where:
+                return f"no {where}{name}"
+            continue
+        value = entries[name]
+        if isinstance(kind, dict):
+            if not isinstance(value, dict):
+                return f"{where}{name} is a {type(value).__name__}, not a dict"
+            problem = layout_problem(value, kind, f"{where}{name}.")
+            if problem:
+                return problem
+        elif not isinstance(value, kind):
+            return f"{where}{name} is a {type(value).__name__}"
+    return None
+
+
+def check_layout(checkpoint, source, script, required):
+    """A UsageError unless the loaded `checkpoint` has the layout of a checkpoint of
+    `script` with the `required` entries: a file that loads but holds something else
+    (a tensor, {'state_dict': 5}) must not end in a traceback."""
+    if not isinstance(checkpoint, dict):
+        problem = f"a {type(checkpoint).__name__}, not a dict of entries"
+    else:
+        missing = [key for key in ("state_dict", *required) if key not in checkpoint]
+        problem = f"no {', '.join(missing)}" if missing else layout_problem(checkpoint)
+        if problem is None and not all(
+                isinstance(v, torch.Tensor) for v in checkpoint["state_dict"].values()):
+            problem = "its state_dict holds more than tensors"
+        if problem is None and not all(
+                isinstance(state, dict) and {"python", "numpy", "torch"} <= set(state)
+                for state in checkpoint.get("random_states", [])):
+            problem = "its random_states are not random states"
+    if problem:
+        raise UsageError(f"{source} is not a {script}.py checkpoint ({problem})")
+
+
+def check_finite(state_dict, position):
+    """NonFiniteLoss unless every floating-point tensor of `state_dict` is finite (one
+    host synchronisation): a checkpoint never holds diverged weights."""
+    floats = {k: v for k, v in state_dict.items() if v.is_floating_point()}
+    finite = torch.stack([torch.isfinite(v).all() for v in floats.values()])
+    if not finite.all():
+        names = [k for k, ok in zip(floats, finite.tolist()) if not ok]
+        raise NonFiniteLoss(f"the weights are not finite at epoch {position['epoch'] + 1}, "
+                            f"iteration {position['iteration']} (e.g. {names[0]}): the last "
+                            f"update diverged, so no checkpoint was written")
+
+
 class RunCheckpoint:
     """The checkpoint file of a run in --dump_path: found and restored at start-up,
-    written collectively during training (the previous file kept as `.prev`)."""
+    written collectively during training (the previous file kept as `.prev`). Create
+    it while holding the dump folder's lock (src/runtime.py)."""
 
     def __init__(self, path, args):
         self.path, self.args = path, args
@@ -107,14 +169,17 @@ class RunCheckpoint:
 
     def load(self, required):
         """The newest readable checkpoint (None if the run is new), its flags checked.
-        Adopts its seed when --seed was not given, so an unseeded run resumes exactly."""
-        checkpoint, source = newest_checkpoint(self.path)
+        Adopts its seed when --seed was not given, so an unseeded run resumes exactly.
+        After a fall back on the previous checkpoint, the unreadable newest one is set
+        aside, so that the next save does not rotate it over the good one."""
+        check_checkpoint_paths(self.path)
+        validate = functools.partial(check_layout, script=self.args.script, required=required)
+        checkpoint, source = newest_checkpoint(self.path, validate)
         if checkpoint is None:
             return None
-        missing = [key for key in ("state_dict", *required) if key not in checkpoint]
-        if missing:
-            raise UsageError(f"{source} is not a {self.args.script}.py checkpoint (no "
-                             f"{', '.join(missing)}); use another --dump_path")
+        if source != self.path and get_rank() == 0 and os.path.lexists(self.path):
+            get_logger().warning(f"the unreadable {self.path} set aside as "
+                                 f"{set_aside(self.path)}")
         saved = checkpoint.get("args", {})
         if self.args.seed is None and saved.get("seed") is not None:
             self.args.seed = saved["seed"]
@@ -150,11 +215,15 @@ class RunCheckpoint:
                      "optimizer": amp.optimizer.state_dict(), "scaler": amp.scaler.state_dict(),
                      "random_states": states, "args": plain_args(self.args), **extra}
             try:
+                check_finite(state["state_dict"], position)
                 save_atomic(state, self.path, keep_previous=True)
                 for path in copies:
                     save_atomic(state, path)
-            except UsageError as err:
+            except (DiskError, NonFiniteLoss) as err:
                 failed = err
-        flag = torch.tensor([float(failed is not None)], device=self.args.device)
-        if all_reduce_sum(flag).item():
-            raise failed or UsageError("stopped: rank 0 could not write the checkpoint")
+        kinds = (DiskError, NonFiniteLoss)  # the same exception on every process
+        flags = torch.tensor([float(isinstance(failed, kind)) for kind in kinds],
+                             device=self.args.device)
+        for kind, flag in zip(kinds, all_reduce_sum(flags).tolist()):
+            if flag:
+                raise failed or kind("stopped: rank 0 could not write the checkpoint")

@@ -5,6 +5,7 @@ the stop signals, rank 0's checkpoint clock and the data-health counts, then (un
 the loss is not finite) the optimizer step, the logs and, when due, a checkpoint.
 Checkpoints come at every epoch end (the script writes them with `save`), inside the
 epoch every --checkpoint_minutes or --checkpoint_iters, and once after a stop signal.
+Leaving the loop (`with loop:`), however it ends, stops the loader's workers.
 """
 import math
 import time
@@ -12,6 +13,7 @@ import time
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from src.data import dataset_record
 from src.distributed import all_gather_objects, all_reduce_sum, get_world_size, is_main_process
 from src.engine import progress
 from src.errors import NonFiniteLoss, UsageError
@@ -72,10 +74,12 @@ class TrainLoop:
     """Runs epochs of `loader` from a position (epoch, iteration) that a checkpoint can
     restore. `forward(data) -> loss`; `before_step(iteration) -> scalars to log` sets the
     schedules (iterations count from the start of the run); `save(position)` writes a
-    checkpoint of the model at `position()` (a collective, on every process)."""
+    checkpoint of the model at `position()` (a collective, on every process).
+    `signals`: the script's StopSignals, installed when it started (default: none)."""
 
     def __init__(self, loader, forward, amp, *, epochs, device, save, before_step=None,
-                 writer=None, checkpoint_minutes=30, checkpoint_iters=0, log_every=50):
+                 writer=None, checkpoint_minutes=30, checkpoint_iters=0, log_every=50,
+                 signals=None):
         self.loader, self.forward, self.amp, self.save_to = loader, forward, amp, save
         self.epochs, self.device, self.writer = epochs, device, writer
         self.before_step = before_step or (lambda iteration: {})
@@ -85,10 +89,12 @@ class TrainLoop:
         self.loss_sum = 0.0  # of this epoch's steps so far
         self.seconds = 0.0  # spent in training epochs since the run began, resumes included
         self.health = DataHealth()
-        self.signals = StopSignals()
+        self.dataset = dataset_record(loader.dataset.dataset)  # under SeededSamples
+        self.signals = signals if signals is not None else StopSignals()
         self.stopping = (0.0, 0.0)  # agreed (stop, requeue)
         self.save_due = False  # rank 0's checkpoint clock, agreed at the last step
         self.last_save, self.steps_since_save = time.monotonic(), 0
+        self.saved = False  # a checkpoint was written by this process
 
     @property
     def step(self):
@@ -98,7 +104,7 @@ class TrainLoop:
     def position(self):
         return {"epoch": self.epoch, "iteration": self.iteration,
                 "loop": {"loss_sum": self.loss_sum, "seconds": self.seconds,
-                         "data": self.health.state_dict()}}
+                         "data": self.health.state_dict(), "dataset": self.dataset}}
 
     def load_position(self, checkpoint):
         self.epoch, self.iteration = checkpoint["epoch"], checkpoint.get("iteration", 0)
@@ -106,22 +112,40 @@ class TrainLoop:
             self.loss_sum = checkpoint["loop"]["loss_sum"]
             self.seconds = checkpoint["loop"].get("seconds", 0.0)
             self.health.load_state_dict(checkpoint["loop"]["data"])
+            self._check_dataset(checkpoint["loop"].get("dataset"),
+                                checkpoint.get("source", "the checkpoint"))
         if self.iteration >= len(self.loader):
             raise UsageError(f"the checkpoint's position (iteration {self.iteration} of epoch "
                              f"{self.epoch + 1}) does not fit {len(self.loader)} iterations "
                              f"per epoch: was the dataset changed?")
 
+    def _check_dataset(self, saved, source):
+        """Warn when the training set is not the one the checkpoint was written with."""
+        if saved is None or saved == self.dataset:
+            return
+        files = " and its file list differs" if saved["files"] != self.dataset["files"] else ""
+        get_logger().warning(
+            f"the training set changed since {source} was written ({saved['size']} -> "
+            f"{self.dataset['size']} images{files}): the run continues with another sample "
+            f"order, so it is no longer the same run as the one it resumes")
+
     def __enter__(self):
-        self.signals.__enter__()
+        """A stop signal that came while the run started ends it here, before the first
+        step (every process agrees)."""
+        self.stop_if_requested()
         return self
 
     def __exit__(self, *exc):
-        return self.signals.__exit__(*exc)
+        self.loader.close()
+        return False
 
     def save(self):
-        """Write a checkpoint at the current position (all processes)."""
-        self.save_to(self.position())
+        """Write a checkpoint at the current position (all processes); a stop signal
+        during the write does not interrupt it."""
+        with self.signals.deferred():
+            self.save_to(self.position())
         self.last_save, self.steps_since_save = time.monotonic(), 0
+        self.saved = True
 
     def run_epoch(self):
         """Train to the end of the current epoch; return its mean loss."""
@@ -215,8 +239,9 @@ class TrainLoop:
         if not stop:
             return
         log = get_logger()
-        log.info(f"stopping on a signal at epoch {self.epoch + 1}, iteration {self.iteration}"
-                 f" with a checkpoint; run the same command to continue")
+        where = (f"at epoch {self.epoch + 1}, iteration {self.iteration} with a checkpoint"
+                 if self.saved else "before the first step (nothing new to save)")
+        log.info(f"stopping on a signal {where}; run the same command to continue")
         if requeue and is_main_process():
             requeue_slurm_job()
         raise Preempted()

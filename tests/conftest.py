@@ -1,8 +1,11 @@
-"""Fixtures shared by the tests (helpers live in helpers_eval.py)."""
+"""Fixtures shared by the tests (helpers live in helpers_eval.py and helpers_run.py)."""
+import logging
+
 import pytest
 import torch
 
 from helpers_eval import make_image_folder
+from src.logger import LOGGER_NAME
 
 
 @pytest.fixture
@@ -44,3 +47,18 @@ def resnet18_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "encoder.pth"
     torch.save(encoder.state_dict(), path)
     return path
+
+
+@pytest.fixture
+def log_lines():
+    """Messages of the project logger during the test."""
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    yield lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)

@@ -1,10 +1,19 @@
-"""Run main.py or eval_linear.py and kill the whole run with SIGKILL at a chosen moment,
-as a node failure would: `python tests/crash_run.py main.py ARGS` (or under torchrun).
+"""Run a script and break it at a chosen moment: `python tests/crash_run.py main.py ARGS`
+(or under torchrun). What happens, and when, is set by environment variables, each a
+comma-separated list of "RANK:POINT:N" (the N-th time that rank reaches POINT, counted
+from the start of its process):
 
-RESA_CRASH="RANK:step:N" kills after the N-th optimizer step of that rank (counted
-from the start of this process), "RANK:forward:N" at the start of its N-th forward,
-"RANK:save:N" halfway through writing its N-th file with torch.save. The kill reaches
-torchrun, every rank and every loader worker.
+    RESA_CRASH="0:save:1"          SIGKILL the whole run (torchrun, every rank and every
+                                   loader worker), as a node failure would
+    RESA_RAISE="1:forward:3"       raise RuntimeError("injected failure"), as a bug would
+    RESA_SIGNAL="0:data:1:USR1"    send the signal (USR1, TERM, INT) to this process
+
+POINTs: "step" after an optimizer step, "forward" at the start of a training step,
+"save" halfway through writing a file with torch.save (the rest follows unless killed),
+"rotate" right after a checkpoint became the previous one (the rename onto
+*.prev.pth.tar), "data" when a dataset starts to load, "eval" at the forward of an
+encoder in eval mode (evaluation, the online monitor). `arm` also serves the tests in
+their own process, with pytest's monkeypatch.setattr as `patch`.
 """
 import io
 import os
@@ -15,6 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+ACTIONS = ("RESA_CRASH", "RESA_RAISE", "RESA_SIGNAL")
 
 
 def descendants(root):
@@ -46,7 +56,20 @@ def kill_everything():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def arm(rank, kind, count):
+def raise_failure():
+    print("crash_run: injected failure", file=sys.stderr, flush=True)
+    raise RuntimeError("injected failure")
+
+
+def send(name):
+    """An action that sends SIG`name` to this process."""
+    signum = getattr(signal, f"SIG{name}")
+    return lambda: os.kill(os.getpid(), signum)
+
+
+def arm(rank, point, count, action, patch=setattr):
+    """Call `action()` the `count`-th time this process (if its RANK is `rank`) reaches
+    `point`; `patch(owner, name, value)` installs the hook."""
     if int(os.environ.get("RANK", "0")) != rank:
         return
     calls = {"n": 0}
@@ -58,45 +81,80 @@ def arm(rank, kind, count):
         calls["n"] += 1
         return calls["n"] == count
 
-    if kind == "step":
+    if point == "step":
         from src.optim import AmpOptimizer
         step = AmpOptimizer.step
 
-        def step_then_kill(self, loss):
+        def step_then(self, loss):
             step(self, loss)
             if counted():
-                kill_everything()
-        AmpOptimizer.step = step_then_kill
-    elif kind == "forward":
+                action()
+        patch(AmpOptimizer, "step", step_then)
+    elif point == "forward":
         from src.train_loop import TrainLoop
         train_step = TrainLoop._train_step
 
-        def kill_in_step(self, batch):
+        def in_step(self, batch):
             if counted():
-                kill_everything()
+                action()
             return train_step(self, batch)
-        TrainLoop._train_step = kill_in_step
-    elif kind == "save":
+        patch(TrainLoop, "_train_step", in_step)
+    elif point == "save":
         import torch
         save = torch.save
 
-        def half_then_kill(obj, f, *args, **kwargs):
+        def in_the_middle(obj, f, *args, **kwargs):
             if isinstance(f, io.BytesIO) or not counted():  # BytesIO: pickling a tensor
                 return save(obj, f, *args, **kwargs)
             buffer = io.BytesIO()
             save(obj, buffer, *args, **kwargs)
-            f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+            data = buffer.getvalue()
+            f.write(data[:len(data) // 2])
             f.flush()
-            kill_everything()
-        torch.save = half_then_kill
+            action()
+            f.write(data[len(data) // 2:])
+        patch(torch, "save", in_the_middle)
+    elif point == "rotate":
+        replace = os.replace
+
+        def replace_then(source, destination):
+            replace(source, destination)
+            if str(destination).endswith(".prev.pth.tar") and counted():
+                action()
+        patch(os, "replace", replace_then)
+    elif point == "data":
+        import src.data
+        load = src.data._load
+
+        def loading(*args, **kwargs):
+            if counted():
+                action()
+            return load(*args, **kwargs)
+        patch(src.data, "_load", loading)
+    elif point == "eval":
+        from torchvision.models.resnet import ResNet
+        forward = ResNet.forward
+
+        def evaluating(self, x):
+            if not self.training and counted():
+                action()
+            return forward(self, x)
+        patch(ResNet, "forward", evaluating)
     else:
-        raise SystemExit(f"unknown crash kind {kind!r}")
+        raise SystemExit(f"unknown crash point {point!r}")
+
+
+def arm_from_environment():
+    for variable in ACTIONS:
+        for spec in filter(None, os.environ.get(variable, "").split(",")):
+            rank, point, count, *name = spec.split(":")
+            action = {"RESA_CRASH": kill_everything, "RESA_RAISE": raise_failure}.get(
+                variable) or send(name[0])
+            arm(int(rank), point, int(count), action)
 
 
 if __name__ == "__main__":
-    if os.environ.get("RESA_CRASH"):
-        rank, kind, count = os.environ["RESA_CRASH"].split(":")
-        arm(int(rank), kind, int(count))
+    arm_from_environment()
     script = sys.argv.pop(1)
     sys.argv[0] = script
     runpy.run_path(str(REPO / script), run_name="__main__")

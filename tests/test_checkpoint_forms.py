@@ -1,6 +1,5 @@
 """Every checkpoint form users have loads into the evaluation encoder, strictly
 (SPEC §5); anything else is one clear line with exit code 2."""
-import logging
 import os
 import zipfile
 
@@ -12,7 +11,6 @@ import torchvision
 from helpers_eval import assert_usage_error, fast_flags, run_script
 from src.checkpoint import encoder_form, load_file, with_module_prefix
 from src.errors import UsageError
-from src.logger import LOGGER_NAME
 from src.models import build_encoder, build_predictor, build_projector
 from src.pretrained import load_pretrained_encoder
 
@@ -70,21 +68,6 @@ FORMS = {
                               ("'encoder.' prefix",)),
     "nested_state_dict": ({"state_dict": dict(ONLINE)}, ONLINE, ("torchvision layout",)),
 }
-
-
-@pytest.fixture
-def log_lines():
-    """Messages of the project logger during the test."""
-    lines = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())
-    logger = logging.getLogger(LOGGER_NAME)
-    logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    yield lines
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 @pytest.mark.parametrize("form", list(FORMS))

@@ -5,13 +5,11 @@ and bad disks lose nothing; a resume with other flags is refused.
 Kills are real SIGKILLs of every process of the run (torchrun, ranks, loader workers)
 at chosen points, including in the middle of a checkpoint write (tests/crash_run.py).
 """
-import hashlib
 import os
 import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,38 +18,12 @@ import torch
 import torchvision
 from PIL import Image
 
-import main as main_script
 from crash_run import descendants
 from helpers_eval import fast_flags
+from helpers_run import digest, launch, one_line, run_main, wait_for
 from src.demo_data import make_image
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--dataset", "demo", "--arch", "resnet18", "--mlp_dim", "64", "--emb", "32",
-        "--size_dataset", "64", "--warmup_epochs", "1", "--eval_every", "0", "--seed", "0",
-        "--epochs", "2", "--log_every", "1", "--checkpoint_iters", "3",
-        "--checkpoint_minutes", "0"]
-ONE, TWO = ["--batch_size", "8"], ["--batch_size", "4"]  # the same total batch of 8
-
-
-def launch(dump, demo, *flags, processes=1, crash=None, env=None, wait=True):
-    """Start main.py (through tests/crash_run.py when `crash` is set) as a user would."""
-    script = ["tests/crash_run.py", "main.py"] if crash else ["main.py"]
-    launcher = [sys.executable] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={processes}"]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-                **(env or {})}
-    full_env.pop("RESA_CRASH", None)
-    if crash:
-        full_env["RESA_CRASH"] = crash
-    command = [*launcher, *script, *TINY, *(TWO if processes == 2 else ONE),
-               "--data_path", demo, "--dump_path", str(dump), *flags]
-    process = subprocess.Popen(command, cwd=REPO, env=full_env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    if not wait:
-        return process
-    output, _ = process.communicate(timeout=300)
-    return process.returncode, output
 
 
 def tensors(tree, prefix=""):
@@ -88,15 +60,6 @@ def assert_same_run(dump, reference):
     assert not list(dump.glob(".tmp-*"))
 
 
-def wait_for(path, text, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.is_file() and text in path.read_text():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"{text!r} never appeared in {path}")
-
-
 @pytest.fixture(scope="module")
 def reference_two(demo_path, tmp_path_factory):
     dump = tmp_path_factory.mktemp("reference_two")
@@ -115,14 +78,21 @@ def reference_one(demo_path, tmp_path_factory):
 
 def test_one_process_with_workers_killed_during_a_save_ends_bit_identical(
         reference_one, demo_path, tmp_path):
-    for crash in ("0:save:1", "0:step:4"):
+    """Killed halfway through writing the first checkpoint, then between the renames of
+    the second (the newest checkpoint becomes the previous one; the new one is not in
+    place yet), then after a step."""
+    for crash in ("0:save:1", "0:rotate:1", "0:step:4"):
         code, output = launch(tmp_path, demo_path, "--workers", "2", crash=crash)
         assert code == -signal.SIGKILL, output[-3000:]
         if crash.endswith("save:1"):  # the half-written file of the first kill ...
             assert list(tmp_path.glob(".tmp-*"))
+        if crash.endswith("rotate:1"):  # a complete newest checkpoint at every moment
+            newest = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
+            assert (newest["epoch"], newest["iteration"]) == (0, 3)
     code, output = launch(tmp_path, demo_path, "--workers", "2")
     assert code == 0, output[-3000:]
     assert_same_run(tmp_path, reference_one)  # ... is gone, and the run is the same
+    assert "resuming from the previous checkpoint" not in (tmp_path / "out.log").read_text()
 
 
 def test_the_uninterrupted_run_layout(reference_two):
@@ -201,28 +171,6 @@ def test_sigusr1_to_one_rank_checkpoints_then_requeues_once(demo_path, tmp_path)
 
 # ----------------------------------------------------------------- in one process
 
-def run_main(dump, demo_path, *flags):
-    """main.main in this process; returns the exit code (0 when it returned)."""
-    try:
-        main_script.main([*TINY, *ONE, "--workers", "0", "--data_path", demo_path,
-                          "--dump_path", str(dump), *flags])
-    except SystemExit as stop:
-        return stop.code
-    return 0
-
-
-def digest(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def one_line(capsys):
-    """The one error line on stderr (which also holds the progress bar)."""
-    err = capsys.readouterr().err
-    lines = [line for line in err.replace("\r", "\n").splitlines() if "error:" in line]
-    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
-    return lines[0]
-
-
 def test_a_failing_write_stops_with_one_line_and_keeps_the_old_checkpoint(
         demo_path, tmp_path, monkeypatch, capsys):
     assert run_main(tmp_path, demo_path, "--epochs", "1", "--checkpoint_iters", "0") == 0
@@ -233,7 +181,7 @@ def test_a_failing_write_stops_with_one_line_and_keeps_the_old_checkpoint(
         f.write(b"partial")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", disk_full)
-    assert run_main(tmp_path, demo_path) == 2
+    assert run_main(tmp_path, demo_path) == 74
     line = one_line(capsys)
     assert "cannot write" in line and "checkpoint.pth.tar" in line and "No space left" in line
     assert digest(tmp_path / "checkpoint.pth.tar") == before

@@ -10,7 +10,7 @@ import torch
 from src.errors import NonFiniteLoss, UsageError
 from src.loader import train_loader
 from src.optim import AmpOptimizer
-from src.preemption import Preempted
+from src.preemption import Preempted, StopSignals
 from src.train_loop import DataHealth, TrainLoop
 
 
@@ -112,9 +112,10 @@ def test_a_stop_signal_saves_once_then_every_process_stops():
         return (weight * batch).sum()
     forward.calls = 0
 
-    loop = make_loop(values_loader(range(6)), weight, forward, saves=saves)
-    with loop, pytest.raises(Preempted):
-        loop.run_epoch()
+    with StopSignals() as signals, pytest.raises(Preempted):
+        with make_loop(values_loader(range(6)), weight, forward, saves=saves,
+                       signals=signals) as loop:
+            loop.run_epoch()
     assert [(s["epoch"], s["iteration"]) for s in saves] == [(0, 3)]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers given back
 

@@ -31,7 +31,7 @@ from src.clustering import (KMEANS_N_INIT, branch_features, check_clusterable,  
                             clustering_scores, feature_names, nearest_k, seeded_subset,
                             tsne_2d)
 from src.distributed import is_main_process, run_distributed  # noqa: E402
-from src.errors import UsageError, exit_on_usage_error  # noqa: E402
+from src.errors import UsageError, script_entry  # noqa: E402
 from src.eval_data import eval_datasets  # noqa: E402
 from src.logger import get_logger, save_results  # noqa: E402
 from src.models import build_encoder, build_projector, pretraining_encoder  # noqa: E402
@@ -293,7 +293,7 @@ def analyse(args):
     return results
 
 
-@exit_on_usage_error
+@script_entry
 def main(argv=None):
     run_distributed(analyse, get_args(argv, "clusters", own_flags=OWN_FLAGS))
 
