@@ -1,10 +1,11 @@
-"""The one command-line parser shared by main.py, eval_linear.py and eval_knn.py.
+"""The command line of every script: parse the flags (the table in flags.py, and each
+method's hyper-parameters, declared in method/*.py), resolve the defaults that depend
+on the dataset, the method, the script and the device once, check them, and build the
+configs (src/config.py) that the library takes. Nothing below the scripts reads the
+argparse namespace.
 
-Flag names and defaults follow the authors' repository (winci-ai/resa) so that their
-commands run unchanged. Every script accepts every flag (the authors' commands pass
-some flags to scripts that ignore them), but each script's `--help` lists first the
-flags it reads. Defaults that depend on the dataset, the architecture or the script
-are resolved after parsing (see `resolve_defaults`).
+Every script accepts every flag (the authors' commands pass some flags to scripts that
+ignore them), but each script's `--help` lists first the flags it reads.
 """
 import argparse
 import math
@@ -12,240 +13,14 @@ import sys
 
 import torch
 
-from src.data import DATASETS, RESA_CIFAR_DATASETS, dataset_info
-from src.models import ARCHS
-from src.optim import PRECISIONS
+from flags import FLAGS, MAIN, SCRIPTS
+from method import METHODS
+from src import config
+from src.data.datasets import dataset_spec
 
-SCRIPTS = {
-    "main": "ReSA self-supervised pretraining: `python main.py ...` runs one process, "
-            "`torchrun ... main.py ...` one per GPU (or CPU process).",
-    "eval_linear": "Linear probe (--weights freeze) or fine-tuning (--weights finetune) of a "
-                   "pretrained encoder with a linear head.",
-    "eval_knn": "Weighted k-NN evaluation of a pretrained encoder, as in DINO.",
-    "clusters": "Clustering properties of a checkpoint's encodings and embeddings "
-                "(silhouette, k-means ARI/NMI, k-NN) and their t-SNE picture.",
-}
-ALL, MAIN, LINEAR, KNN = set(SCRIPTS), {"main"}, {"eval_linear"}, {"eval_knn"}
-CLUSTERS = {"clusters"}
-
-
-def str2bool(value):
-    """Parse 'True'/'False' as the authors' `--use_cuda False` intends."""
-    lowered = str(value).lower()
-    if lowered in ("true", "1", "yes", "y"):
-        return True
-    if lowered in ("false", "0", "no", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
-
-
-# (group, read by, option strings, argparse keywords), in the order --help shows them
-FLAGS = [
-    ("run", ALL, ("--dump_path",), dict(
-        type=str, default=".",
-        help="folder for checkpoints, out.log and TensorBoard events; a run resumes "
-        "automatically from the checkpoint found here")),
-    ("run", ALL, ("--seed",), dict(
-        type=int, default=None,
-        help="random seed: model initialisation, data order and augmentations (the "
-        "views of sample i in epoch e are drawn from (seed, e, i) alone, whatever the "
-        "number of workers or processes); unset = a random seed, logged and kept in the "
-        "checkpoint")),
-    ("run", MAIN | LINEAR, ("--checkpoint_minutes",), dict(
-        type=float, default=30,
-        help="also write the checkpoint inside an epoch every N minutes of training "
-        "(rank 0's clock decides for every process); 0 = at epoch ends only")),
-    ("run", MAIN | LINEAR, ("--checkpoint_iters",), dict(
-        type=int, default=0,
-        help="also write the checkpoint every N iterations; 0 = off")),
-    ("run", MAIN | LINEAR, ("--log_every",), dict(
-        type=int, default=50, help="iterations between two log lines in out.log")),
-    ("run", ALL, ("--precision",), dict(
-        type=str, default=None, choices=PRECISIONS,
-        help="fp16 = float16 autocast with loss scaling (CUDA only), bf16 = bfloat16 "
-        "autocast (CUDA or CPU), fp32 = no autocast; in main.py Sinkhorn-Knopp is fp32 in "
-        "every mode; in eval_knn.py and clusters.py the encoder runs under it and the "
-        "features are kept in fp32 (default: fp16 for main.py on CUDA, the authors' "
-        "choice; fp32 for resa_cifar's recipe (cifar10/cifar100/stl10), for the "
-        "evaluations, and on CPU)")),
-    ("run", MAIN | LINEAR, ("--wandb_project",), dict(
-        type=str, default=None,
-        help="also log the TensorBoard scalars to this Weights & Biases project (rank 0; "
-        "needs the optional wandb package; WANDB_MODE=offline logs without network); a "
-        "restart continues the same W&B run, whose id is kept in --dump_path (default: "
-        "resa_cifar for main.py on cifar10/cifar100/stl10, as resa_cifar does, else off; "
-        "'' = off)")),
-    ("run", MAIN | LINEAR, ("--env_name",), dict(
-        type=str, default="resa_cifar", help="name of the Weights & Biases run")),
-
-    ("speed", MAIN | LINEAR, ("--channels_last",), dict(
-        type=str2bool, default=None,
-        help="channels_last memory format for the networks and their inputs, True or False; "
-        "numerics equal up to float rounding (default: True on CUDA, False on CPU)")),
-    ("speed", MAIN | LINEAR, ("--fused",), dict(
-        type=str2bool, default=None,
-        help="fused optimizer step: one kernel for all parameters and, with fp16 loss "
-        "scaling, no host synchronisation; True or False (default: True on CUDA, False on "
-        "CPU)")),
-    ("speed", MAIN, ("--compile",), dict(
-        type=str, nargs="?", const="inductor", default=None, metavar="BACKEND",
-        help="torch.compile every network (encoder, projector, predictor and the momentum "
-        "copies) with BACKEND (inductor if none is named; aot_eager compiles fast, for "
-        "checks); off unless given")),
-
-    ("data", ALL, ("--dataset",), dict(
-        type=str, default="imagenet", choices=DATASETS,
-        help="imagenet = any ImageFolder with train/ (and val/) under --data_path; "
-        "cifar10/cifar100/stl10 through torchvision; fashion_mnist from the Debian "
-        "package dataset-fashion-mnist; demo = a small synthetic ImageFolder this project "
-        "generates into --data_path")),
-    ("data", ALL, ("--data_path",), dict(
-        type=str, default=None,
-        help="dataset folder (required for imagenet; default: ./data for torchvision "
-        "datasets and fashion_mnist, ./data/demo for demo)")),
-    ("data", MAIN, ("--data_backend",), dict(
-        type=str, default="pil", choices=("pil", "gpu"),
-        help="pil = the authors' pipeline, decoded and augmented with PIL in the loader "
-        "workers; gpu = workers only read the files, JPEGs are decoded in batches on the "
-        "GPU (nvjpeg) and the views made there with the same laws (on CPU it runs too)")),
-    ("data", MAIN, ("--crops_nmb",), dict(
-        type=int, nargs="+", default=[1],
-        help="number of strong views per crop group, e.g. 1 or 1 6")),
-    ("data", ALL, ("--crops_size",), dict(
-        type=int, nargs="+", default=None,
-        help="crop resolution per group; the weak view and the evaluations use the first "
-        "(default: 224; 32 on cifar10/cifar100/stl10/fashion_mnist/demo)")),
-    ("data", MAIN, ("--crops_min_scale",), dict(
-        type=float, nargs="+", default=[0.2], help="RandomResizedCrop lower scale per group")),
-    ("data", MAIN, ("--crops_max_scale",), dict(
-        type=float, nargs="+", default=[1.0], help="RandomResizedCrop upper scale per group")),
-    ("data", MAIN, ("--solarization_prob",), dict(
-        type=float, nargs="+", default=[0.2],
-        help="solarization probability of the strong views per group")),
-    ("data", MAIN, ("--size_dataset",), dict(
-        type=int, default=-1, help="keep only the first N training samples; -1 keeps all")),
-    ("data", ALL, ("--workers",), dict(
-        type=int, default=8, help="data-loading worker processes per process")),
-
-    ("ReSA", MAIN, ("--temperature",), dict(
-        type=float, default=0.4, help="softmax temperature tau of the ReSA loss")),
-    ("ReSA", MAIN, ("--momentum",), dict(
-        type=float, default=0.996,
-        help="base EMA coefficient of the momentum encoder/projector; rises to 1 on a "
-        "per-iteration half-cosine")),
-
-    ("architecture", ALL, ("-a", "--arch"), dict(
-        type=str, default=None, choices=ARCHS, metavar="ARCH",
-        help="encoder: " + ", ".join(ARCHS) + " (default: resnet50 on imagenet, resnet18 "
-        "elsewhere)")),
-    ("architecture", ALL, ("--stem",), dict(
-        type=str, default=None, choices=("imagenet", "cifar"),
-        help="imagenet = 7x7 stride-2 conv and max-pool; cifar = resa_cifar's 3x3 stride-1 "
-        "conv zero-padding by 2, no max-pool (a 32 px image gives 34x34 maps through "
-        "layer1 instead of 8x8, about 6x the cost) (default: cifar on "
-        "cifar10/cifar100/fashion_mnist, imagenet elsewhere, stl10 included as in "
-        "resa_cifar); evaluate with the stem "
-        "the encoder was trained with")),
-    ("architecture", MAIN, ("--mlp_layers",), dict(
-        type=int, default=3, help="number of Linear layers in the projector")),
-    ("architecture", MAIN, ("--mlp_dim",), dict(
-        type=int, default=2048, help="hidden width of the projector and predictor")),
-    ("architecture", MAIN, ("--emb",), dict(
-        type=int, default=512, help="embedding (projector output) size")),
-    ("architecture", MAIN, ("--pred",), dict(
-        dest="pred", action="store_const", const=True, default=None,
-        help="train with a predictor on the online branch (default: on, except on "
-        "cifar10/cifar100/stl10, where resa_cifar has none)")),
-    ("architecture", MAIN, ("--no_pred",), dict(
-        dest="pred", action="store_const", const=False,
-        help="train without the predictor")),
-
-    ("optimization", MAIN | LINEAR, ("--epochs",), dict(
-        type=int, default=None,
-        help="training epochs (default: 100; 1000 on cifar10/cifar100/stl10)")),
-    ("optimization", ALL, ("--batch_size",), dict(
-        type=int, default=256,
-        help="batch size per process (B); the total batch is B x world size")),
-    ("optimization", MAIN, ("--lr",), dict(
-        type=float, default=None,
-        help="base learning rate, scaled by total batch / 256 (default: 0.5; 0.3 on "
-        "cifar10/cifar100/stl10)")),
-    ("optimization", MAIN, ("--final_lr",), dict(
-        type=float, default=None,
-        help="learning rate at the end of the cosine, absolute (default: 0.1 x the scaled "
-        "lr)")),
-    ("optimization", MAIN, ("--wd", "--weight_decay"), dict(
-        dest="wd", type=float, default=None,
-        help="weight decay on all parameters (default: 1e-5; 1e-4 on "
-        "cifar10/cifar100/stl10)")),
-    ("optimization", MAIN, ("--optimizer",), dict(
-        type=str, default="sgd", choices=("sgd", "adamw"), help="SGD uses momentum 0.9")),
-    ("optimization", MAIN, ("--warmup_epochs",), dict(
-        type=int, default=2, help="linear learning-rate warm-up from 0, in epochs")),
-
-    ("distributed (torchrun or SLURM set these up)", set(), ("--world_size",), dict(
-        type=int, default=1,
-        help="ignored: the launcher's WORLD_SIZE (or SLURM_NTASKS) decides; accepted so "
-        "that the authors' commands parse")),
-    ("distributed (torchrun or SLURM set these up)", set(), ("--rank",), dict(
-        type=int, default=0,
-        help="ignored: the launcher's RANK (or SLURM_PROCID) decides; accepted so that the "
-        "authors' commands parse")),
-    ("distributed (torchrun or SLURM set these up)", ALL, ("--dist-backend", "--dist_backend"),
-     dict(dest="dist_backend", type=str, default=None, choices=("nccl", "gloo"),
-          help="process-group backend (default: nccl on CUDA, gloo on CPU)")),
-    ("distributed (torchrun or SLURM set these up)", ALL, ("--dist-url", "--dist_url"), dict(
-        dest="dist_url", type=str, default="env://", help="process-group init method")),
-    ("distributed (torchrun or SLURM set these up)", ALL,
-     ("--no-set-device-rank", "--no_set_device_rank"), dict(
-         dest="no_set_device_rank", action="store_true",
-         help="use cuda:0 in every process (when CUDA_VISIBLE_DEVICES already gives each "
-         "process one GPU)")),
-
-    ("online monitor (main.py, non-ImageNet datasets)", MAIN, ("--eval_every",), dict(
-        type=int, default=5,
-        help="after the first epoch, every N epochs and after the last: 5-NN, weighted "
-        "k-NN and a linear classifier on the momentum encoder's features; 0 disables")),
-
-    ("evaluation", LINEAR | KNN | CLUSTERS, ("--pretrained",), dict(
-        type=str, default="",
-        help="checkpoint to evaluate: our checkpoint.pth.tar, the authors' full or "
-        "encoder-only release, or an exported encoder; empty = a randomly initialised "
-        "encoder (the random baseline)")),
-    ("evaluation", ALL, ("--num_classes",), dict(
-        type=int, default=None,
-        help="classifier outputs (default: the dataset's number of classes)")),
-    ("evaluation", LINEAR, ("--weights",), dict(
-        type=str, default="freeze", choices=("freeze", "finetune"),
-        help="freeze = linear probe on a frozen encoder in eval mode; finetune = train "
-        "encoder and head")),
-    ("evaluation", LINEAR, ("--train_percent",), dict(
-        type=int, default=100, choices=(100, 10, 1),
-        help="train on the standard ImageNet 1%% or 10%% subset")),
-    ("evaluation", LINEAR, ("--train_files",), dict(
-        type=str, default=None,
-        help="subset list (one training file name a line) for --train_percent 1/10 "
-        "(default: the public list shipped in src/imagenet_subset/, as the authors ship "
-        "it; nothing is downloaded)")),
-    ("evaluation", LINEAR, ("--lr_encoder",), dict(
-        type=float, default=2e-4,
-        help="fine-tuning encoder base lr, scaled by total batch / 256")),
-    ("evaluation", LINEAR, ("--lr_classifier",), dict(
-        type=float, default=40.0,
-        help="head base lr, scaled by total batch / 256 (use 10 for a batch-256 "
-        "pretraining)")),
-    ("evaluation", LINEAR, ("--scheduler",), dict(
-        type=str, default="step", choices=("step", "cos"),
-        help="step = x0.1 at epochs 60 and 80; cos = cosine to 0")),
-    ("evaluation", KNN | MAIN | CLUSTERS, ("--nb_knn",), dict(
-        type=int, nargs="+", default=[5, 10, 15, 20, 25],
-        help="k values of the weighted k-NN (the monitor uses the one nearest 20)")),
-    ("evaluation", KNN | MAIN | CLUSTERS, ("--knn_temperature",), dict(
-        type=float, default=0.07, help="temperature of the weighted k-NN votes")),
-    ("evaluation", KNN, ("--use_cuda",), dict(
-        type=str2bool, default=True,
-        help="keep the k-NN feature bank on the GPU; False keeps it in CPU memory")),
-]
+DEFAULTS = {"arch": "resnet50", "epochs": 100, "lr": 0.5, "wd": 1e-5, "pred": True,
+            "mlp_layers": 3, "mlp_dim": 2048, "emb": 512}  # unless a recipe says otherwise
+KEEP = (bool, int, float, str, type(None))  # what a checkpoint records of the flags
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -265,97 +40,119 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def method_flags():
+    """FLAGS-shaped entries of --method and of every method's hyper-parameters, one
+    group per method (a flag that several methods read is declared in the group of the
+    first, its default resolved for the --method chosen), and the groups' descriptions."""
+    entries = [("method", MAIN, ("--method",), dict(
+        type=str, default="resa", choices=tuple(METHODS),
+        help="the self-supervised method: " + ", ".join(METHODS)))]
+    readers, descriptions = {}, {}
+    for name, cls in METHODS.items():
+        for hyper in cls.HYPER:
+            readers.setdefault(hyper.name, []).append((name, hyper))
+    for name, cls in METHODS.items():
+        title = f"{cls.__name__} (--method {name})"
+        shared = [h for h in cls.HYPER if readers[h.name][0][0] != name]
+        if shared:
+            descriptions[title] = "also reads " + ", ".join(
+                f"--{h.name} (default here {h.default})" for h in shared)
+            entries.append((title, MAIN, (), {}))  # the group, even with no flag of its own
+        for hyper in cls.HYPER:
+            others = readers[hyper.name]
+            if others[0][0] != name:
+                continue
+            text = hyper.help if len(others) == 1 else (
+                f"{hyper.help}; also read by {', '.join(n for n, _ in others[1:])} (default: "
+                + ", ".join(f"{n} {h.default}" for n, h in others) + ")")
+            entries.append((title, MAIN, (f"--{hyper.name}",), dict(
+                type=hyper.type, default=None if len(others) > 1 else hyper.default,
+                help=text)))
+    return entries, descriptions
+
+
+def all_flags():
+    """(every flag entry in --help's order: the table, the method's groups after the
+    data's; the groups' descriptions)."""
+    methods, descriptions = method_flags()
+    at = next(i for i, entry in enumerate(FLAGS) if entry[0] == "architecture")
+    return [*FLAGS[:at], *methods, *FLAGS[at:]], descriptions
+
+
 def build_parser(script="main", own_flags=()):
-    """The parser of `script` (a key of SCRIPTS): its `own_flags` (entries shaped like
-    FLAGS', read by that script alone) and its shared flags first, grouped; then every
-    other flag, accepted but not read by it."""
+    """The parser of `script` (a key of flags.SCRIPTS): its `own_flags` (entries shaped
+    like FLAGS', read by that script alone) and its shared flags first, grouped; then
+    every other flag, accepted but not read by it."""
+    table, descriptions = all_flags()
     p = OneLineParser(description=SCRIPTS[script], formatter_class=HelpFormatter)
     groups = {}
-    for title, readers, names, kwargs in [*own_flags, *FLAGS]:
+    for title, readers, names, kwargs in [*own_flags, *table]:
         if script in readers:
             if title not in groups:
-                groups[title] = p.add_argument_group(title)
-            groups[title].add_argument(*names, **kwargs)
+                groups[title] = p.add_argument_group(title, descriptions.get(title))
+            if names:
+                groups[title].add_argument(*names, **kwargs)
     others = p.add_argument_group(
         f"accepted for compatibility, not read by {script}.py",
-        "flags of the other scripts (one parser serves all three) and flags that do nothing")
-    for title, readers, names, kwargs in FLAGS:
-        if script not in readers:
+        "flags of the other scripts (one parser serves them all) and flags that do nothing")
+    for title, readers, names, kwargs in table:
+        if script not in readers and names:
             others.add_argument(*names, **kwargs)
     return p
 
 
-def resolve_defaults(args):
-    """Fill the defaults that depend on the dataset (as the authors' two repositories
-    do), on the script and on the device."""
-    cifar = args.dataset in RESA_CIFAR_DATASETS  # the recipe of the authors' resa_cifar
-    info = dataset_info(args.dataset)
-    if args.arch is None:
-        args.arch = "resnet50" if args.dataset == "imagenet" else "resnet18"
-    if args.epochs is None:
-        args.epochs = 1000 if cifar else 100
-    if args.lr is None:
-        args.lr = 0.3 if cifar else 0.5
-    if args.wd is None:
-        args.wd = 1e-4 if cifar else 1e-5
-    if args.stem is None:
-        args.stem = "cifar" if info.small_images else "imagenet"
-    if args.pred is None:
-        args.pred = not cifar  # resa_cifar has no predictor (SPEC §7)
+def resolve_defaults(args, script):
+    """Fill the defaults left unset (None) from the recipes, in this order: the
+    flag given, the --method's recipe (its RECIPE), the dataset's recipe
+    (src/data/datasets.py), DEFAULTS; then those of the script and the device."""
+    spec, method = dataset_spec(args.dataset), METHODS[args.method]
+
+    def recipe(name, fallback=None):
+        return method.RECIPE.get(name, spec.recipe.get(name, DEFAULTS.get(name, fallback)))
+
+    for name in DEFAULTS:
+        if getattr(args, name) is None:
+            setattr(args, name, recipe(name))
+    for hyper in method.HYPER:
+        if getattr(args, hyper.name) is None:
+            setattr(args, hyper.name, hyper.default)
     cuda = torch.cuda.is_available()
+    pretraining = script == "main"
     if args.precision is None:
-        args.precision = "fp16" if args.script == "main" and cuda and not cifar else "fp32"
-    if args.channels_last is None:
-        args.channels_last = cuda
-    if args.fused is None:
-        args.fused = cuda
-    if args.crops_size is None:
-        args.crops_size = [info.crop_size]
-    if args.num_classes is None:
-        args.num_classes = info.num_classes
+        args.precision = (spec.recipe.get("precision") if pretraining else None) or (
+            "fp16" if pretraining and cuda else "fp32")
     if args.wandb_project is None:
-        args.wandb_project = "resa_cifar" if args.script == "main" and cifar else ""
-    if args.data_path is None and args.dataset != "imagenet":
-        args.data_path = "./data/demo" if args.dataset == "demo" else "./data"
-    args.weight_decay = args.wd  # the authors' attribute name
+        args.wandb_project = spec.recipe.get("wandb_project", "") if pretraining else ""
+    for name in ("channels_last", "fused"):
+        if getattr(args, name) is None:
+            setattr(args, name, cuda)
+    for name, value in (("stem", spec.stem), ("crops_size", [spec.crop_size]),
+                        ("num_classes", spec.num_classes), ("data_path", spec.default_path)):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     return args
 
 
 def check_args(parser, args):
-    """Reject inconsistent flags at start-up instead of crashing later."""
+    """Reject inconsistent flags at start-up instead of crashing later (the crop lists
+    are checked by config.Views)."""
     for name, value in vars(args).items():  # NaN passes every comparison below
         if any(isinstance(v, float) and not math.isfinite(v)
                for v in (value if isinstance(value, list) else [value])):
             parser.error(f"--{name} must be a finite number, got {value}")
-    lists = ("crops_nmb", "crops_size", "crops_min_scale", "crops_max_scale",
-             "solarization_prob")
-    lengths = {name: len(getattr(args, name)) for name in lists}
-    if len(set(lengths.values())) != 1:
-        parser.error("the crop lists must have equal lengths, got "
-                     + ", ".join(f"--{k} {v}" for k, v in lengths.items()))
-    if any(n < 0 for n in args.crops_nmb) or any(s <= 0 for s in args.crops_size):
-        parser.error("--crops_nmb must be >= 0 and --crops_size > 0")
-    if sum(args.crops_nmb) < 1:
-        parser.error("--crops_nmb must give at least one strong view (ReSA needs 2 views)")
-    for lo, hi in zip(args.crops_min_scale, args.crops_max_scale):
-        if not 0 < lo <= hi <= 1:
-            parser.error(f"crop scales need 0 < min <= max <= 1, got ({lo}, {hi})")
-    if any(not 0 <= p <= 1 for p in args.solarization_prob):
-        parser.error("--solarization_prob values must lie in [0, 1]")
-    positive = ("epochs", "batch_size", "mlp_layers", "mlp_dim", "emb")
-    for name in positive:
+    for name in ("epochs", "batch_size", "mlp_layers", "mlp_dim", "emb", "log_every"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     if min(args.workers, args.warmup_epochs, args.eval_every, args.checkpoint_minutes,
            args.checkpoint_iters) < 0:
         parser.error("--workers, --warmup_epochs, --eval_every, --checkpoint_minutes and "
                      "--checkpoint_iters must be >= 0")
-    if args.log_every <= 0:
-        parser.error("--log_every must be positive")
-    if args.temperature <= 0 or args.knn_temperature <= 0:
+    for hyper in METHODS[args.method].HYPER:
+        words, valid = hyper.valid
+        if not valid(getattr(args, hyper.name)):
+            parser.error(f"--{hyper.name} must be {words}, got {getattr(args, hyper.name)}")
+    if args.knn_temperature <= 0:
         parser.error("temperatures must be positive")
-    if not 0 <= args.momentum <= 1:
-        parser.error(f"--momentum must lie in [0, 1], got {args.momentum}")
     if args.lr <= 0 or (args.final_lr is not None and args.final_lr < 0):
         parser.error("--lr must be positive and --final_lr non-negative")
     if args.train_files and args.train_percent == 100:
@@ -369,10 +166,68 @@ def check_args(parser, args):
 
 
 def get_args(argv=None, script="main", own_flags=()):
-    """Parse `argv` (default: sys.argv[1:]) for `script`, resolve defaults, validate."""
+    """The flags of `script` in `argv` (default: sys.argv[1:]), defaults resolved and
+    checked: an argparse namespace, for the config builders below."""
     parser = build_parser(script, own_flags)
     args = parser.parse_args(argv)
-    args.script = script
-    resolve_defaults(args)
+    resolve_defaults(args, script)
     check_args(parser, args)
+    args.script = script
     return args
+
+
+def recorded_flags(args):
+    """The flags as plain values (what checkpoints and logs record)."""
+    return {key: list(value) if isinstance(value, (list, tuple)) else value
+            for key, value in vars(args).items()
+            if isinstance(value, KEEP) or (isinstance(value, (list, tuple))
+                                           and all(isinstance(v, KEEP) for v in value))}
+
+
+def pick(cls, args, **values):
+    """A `cls` config with the fields of the same name taken from `args`."""
+    names = [f for f in cls.__dataclass_fields__ if f not in values and hasattr(args, f)]
+    return cls(**{name: _frozen(getattr(args, name)) for name in names}, **values)
+
+
+def _frozen(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def run_config(args):
+    return pick(config.Run, args, flags=recorded_flags(args))
+
+
+def encoder_config(args):
+    """The encoder: pretraining (and the clustering analysis's random baseline) start
+    from zero-init residual BNs (SPEC §2), except resnet18 on the small datasets, as
+    resa_cifar; the evaluations load weights into torchvision's default initialisation."""
+    zero_init = args.script in ("main", "clusters") and not (
+        args.arch == "resnet18" and dataset_spec(args.dataset).plain_init_resnet18)
+    return config.Encoder(args.arch, args.stem, zero_init)
+
+
+def pretraining(args):
+    """The configs of main.py."""
+    spec, method = dataset_spec(args.dataset), METHODS[args.method]
+    views = pick(config.Views, args, blur_prob=spec.blur_prob, mean=spec.mean, std=spec.std,
+                 weak_first=method.WEAK_FIRST)
+    hyper = {h.name: getattr(args, h.name) for h in method.HYPER}
+    return config.Pretraining(
+        run=run_config(args), data=pick(config.Data, args), views=views,
+        encoder=encoder_config(args), heads=pick(config.Heads, args),
+        method=config.Method(args.method, hyper), optim=pick(config.Optim, args),
+        loop=pick(config.Loop, args), monitor=pick(config.Monitor, args))
+
+
+def probe(args):
+    """The configs of eval_linear.py."""
+    return config.Probing(run=run_config(args), data=pick(config.Data, args),
+                          encoder=encoder_config(args), probe=pick(config.Probe, args),
+                          loop=pick(config.Loop, args))
+
+
+def knn(args):
+    """The configs of eval_knn.py."""
+    return config.KnnEval(run=run_config(args), data=pick(config.Data, args),
+                          encoder=encoder_config(args), knn=pick(config.Knn, args))

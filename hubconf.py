@@ -17,9 +17,10 @@ from urllib.parse import unquote, urlparse
 import torch
 
 from src.checkpoint import load_file
+from src.config import Encoder
 from src.errors import UsageError
 from src.models import build_encoder
-from src.pretrained import load_encoder_state
+from src.eval.pretrained import load_encoder_state
 
 dependencies = ["torch", "torchvision"]
 
@@ -52,8 +53,9 @@ def local_file(weights, progress=True):
 
 
 def pretrained_resnet(arch, weights=None, small_images=False, progress=True):
-    """A `build_encoder(arch, small_images)` ResNet loaded strictly from `weights`."""
-    encoder, _ = build_encoder(arch, small_images)
+    """An `arch` ResNet (resa_cifar's stem with `small_images`) loaded strictly from
+    `weights`."""
+    encoder, _ = build_encoder(Encoder(arch, "cifar" if small_images else "imagenet", False))
     if weights is not None:
         path = local_file(weights, progress)
         load_encoder_state(encoder, load_file(path), path)

@@ -1,16 +1,14 @@
-"""Self-supervised methods. `get_method(args)` builds the module on CPU."""
+"""Self-supervised methods: one file each, registered here by name (--method)."""
+from method.byol import BYOL
 from method.resa import ReSA
-from src.models import pretraining_encoder
+from method.simclr import SimCLR
+from method.swav import SwAV
+from src.models import build_encoder
 
-METHODS = {"resa": ReSA}
+METHODS = {"resa": ReSA, "byol": BYOL, "swav": SwAV, "simclr": SimCLR}
 
 
-def get_method(args, encoder=None, feature_dim=None):
-    """The method of `args` around `encoder` (default: the pretraining encoder that
-    the flags describe, see `src.models.pretraining_encoder`)."""
-    if encoder is None:
-        encoder, feature_dim = pretraining_encoder(args.arch, args.dataset, args.stem)
-    return METHODS[getattr(args, "method", "resa")](
-        encoder, feature_dim, mlp_layers=args.mlp_layers, mlp_dim=args.mlp_dim,
-        emb=args.emb, predictor=args.pred, momentum=args.momentum,
-        temperature=args.temperature)
+def build_model(method, heads, encoder):
+    """The method of config.Method `method` (on CPU), with the heads of config.Heads
+    `heads`, handed a new encoder of config.Encoder `encoder`."""
+    return METHODS[method.method](*build_encoder(encoder), heads, **method.hyper)

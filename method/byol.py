@@ -5,7 +5,7 @@ another view of the same image; the target is an EMA of the online network.
 """
 import torch
 
-from method.base import BaseMethod
+from method.base import UNIT, Hyper, MomentumMethod, require_predictor
 
 
 def byol_loss(p_online, z_target):
@@ -25,12 +25,12 @@ def byol_loss(p_online, z_target):
     return sum(losses) / len(losses)
 
 
-class BYOL(BaseMethod):
+class BYOL(MomentumMethod):
     """Online encoder -> projector -> predictor; EMA target encoder -> projector.
 
-    The head defaults are the paper's: 2-layer MLPs (Linear -> BN -> ReLU -> Linear)
-    of width 4096 and output 256, the projector without an output batch norm. The
-    target branch is not gathered: each sample's loss involves only its own views,
+    The head defaults (RECIPE) are the paper's: 2-layer MLPs (Linear -> BN -> ReLU ->
+    Linear) of width 4096 and output 256, the projector without an output batch norm.
+    The target branch is not gathered: each sample's loss involves only its own views,
     so the mean over the local batch, averaged over processes by DDP, is already the
     full-batch loss and gradient.
 
@@ -38,11 +38,13 @@ class BYOL(BaseMethod):
     (their linear evaluation loads `online_params`), not the target as ReSA does.
     """
 
-    def __init__(self, encoder, feature_dim, *, mlp_layers=2, mlp_dim=4096, emb=256,
-                 final_bn=False, **network):
-        super().__init__(encoder, feature_dim, mlp_layers=mlp_layers, mlp_dim=mlp_dim,
-                         emb=emb, final_bn=final_bn, **network)
-        self.make_momentum_copies()
+    HYPER = (Hyper("momentum", 0.996, "base EMA coefficient of the target network; "
+                   "rises to 1 on a per-iteration half-cosine", valid=UNIT),)
+    RECIPE = {"mlp_layers": 2, "mlp_dim": 4096, "emb": 256, "pred": True}
+
+    def __init__(self, encoder, feature_dim, heads, *, momentum=0.996):
+        require_predictor(heads, "byol")
+        super().__init__(encoder, feature_dim, heads, momentum, final_bn=False)
 
     def evaluated_encoder(self):
         return self.encoder
@@ -51,9 +53,8 @@ class BYOL(BaseMethod):
         return self.projector
 
     def forward(self, views):
-        """One training step's loss for a list of V view batches (weak view first)."""
-        device = next(self.parameters()).device
-        views = [x.to(device, non_blocking=True) for x in views]
+        """One training step's loss for a list of V view batches."""
+        views = self.to_device(views)
         _, p = self.branch(views, self.encoder, self.projector, self.predictor)
         with torch.no_grad():
             # EMA first, with the coefficient set for this step (as ReSA: the target is

@@ -6,7 +6,7 @@ clusters that Sinkhorn-Knopp finds among the encoder's own features.
 import torch
 import torch.nn.functional as F
 
-from method.base import BaseMethod, sinkhorn_knopp
+from method.base import UNIT, Hyper, MomentumMethod, sinkhorn_knopp
 from src.distributed import gather
 
 
@@ -33,16 +33,22 @@ def resa_loss(z_online, z_momentum, h, h_momentum, temperature, eps=0.05, n_iter
     return sum(losses) / len(losses)
 
 
-class ReSA(BaseMethod):
-    def __init__(self, encoder, feature_dim, *, temperature=0.4, **network):
-        super().__init__(encoder, feature_dim, **network)
-        self.make_momentum_copies()
+class ReSA(MomentumMethod):
+    """ReSA (SPEC §2-3): online encoder -> projector -> predictor, momentum encoder and
+    projector, the self-assignment on the weak view's encodings as the target."""
+
+    HYPER = (Hyper("temperature", 0.4, "softmax temperature tau of the ReSA loss"),
+             Hyper("momentum", 0.996, "base EMA coefficient of the momentum encoder/"
+                   "projector; rises to 1 on a per-iteration half-cosine", valid=UNIT))
+    WEAK_FIRST = True
+
+    def __init__(self, encoder, feature_dim, heads, *, temperature=0.4, momentum=0.996):
+        super().__init__(encoder, feature_dim, heads, momentum)
         self.temperature = temperature
 
     def forward(self, views):
         """One training step's loss for a list of V view batches (weak view first)."""
-        device = next(self.parameters()).device
-        views = [x.to(device, non_blocking=True) for x in views]
+        views = self.to_device(views)
         # 1-2. online branch on every view; h = normalized weak-view feature, detached
         h, z = self.branch(views, self.encoder, self.projector, self.predictor)
         with torch.no_grad():

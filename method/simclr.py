@@ -6,7 +6,7 @@ the gathered batch (NT-Xent); the negatives come from every process.
 import torch
 import torch.nn.functional as F
 
-from method.base import BaseMethod
+from method.base import BaseMethod, Hyper
 from src.distributed import gather_with_grad, get_rank
 
 
@@ -40,22 +40,22 @@ def nt_xent_loss(z_local, z_all, temperature, rank):
 class SimCLR(BaseMethod):
     """Encoder -> projector; no momentum network, no predictor.
 
-    The head default is the paper's 2-layer projector, width 2048, output 128 (with
-    the output batch norm of the authors' code, here without its learnable scale).
-    Embeddings are gathered with their gradients (`gather_with_grad`), so W processes
-    give the gradients of one process on the full batch.
+    The head default (RECIPE) is the paper's 2-layer projector, width 2048, output 128
+    (with the output batch norm of the authors' code, here without its learnable
+    scale). Embeddings are gathered with their gradients (`gather_with_grad`), so W
+    processes give the gradients of one process on the full batch.
     """
 
-    def __init__(self, encoder, feature_dim, *, temperature=0.2, mlp_layers=2, mlp_dim=2048,
-                 emb=128, predictor=False, **network):
-        super().__init__(encoder, feature_dim, mlp_layers=mlp_layers, mlp_dim=mlp_dim,
-                         emb=emb, predictor=predictor, **network)
+    HYPER = (Hyper("temperature", 0.2, "temperature of the NT-Xent loss"),)
+    RECIPE = {"mlp_layers": 2, "mlp_dim": 2048, "emb": 128, "pred": False}
+
+    def __init__(self, encoder, feature_dim, heads, *, temperature=0.2):
+        super().__init__(encoder, feature_dim, heads)
         self.temperature = temperature
 
     def forward(self, views):
-        """One training step's loss for a list of V view batches (weak view first)."""
-        device = next(self.parameters()).device
-        views = [x.to(device, non_blocking=True) for x in views]
+        """One training step's loss for a list of V view batches."""
+        views = self.to_device(views)
         _, z = self.branch(views, self.encoder, self.projector, self.predictor)
         return nt_xent_loss(z, [gather_with_grad(z_v) for z_v in z], self.temperature,
                             get_rank())

@@ -194,18 +194,6 @@ def load_file(path):
                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
 
 
-def plain_args(args):
-    """The flags as values that weights_only loading accepts."""
-    keep = (bool, int, float, str, type(None))
-    out = {}
-    for key, value in vars(args).items():
-        if isinstance(value, keep):
-            out[key] = value
-        elif isinstance(value, (list, tuple)) and all(isinstance(v, keep) for v in value):
-            out[key] = list(value)
-    return out
-
-
 def with_module_prefix(state_dict):
     return {"module." + k: v for k, v in state_dict.items()}
 
@@ -235,14 +223,17 @@ def few_keys(keys, n=5):
 
 
 ENCODER_PREFIXES = ("momentum_encoder.", "encoder.", "backbone.")  # in order of preference
+RECORDED_FORMS = {"momentum_encoder.": "momentum", "encoder.": "online"}
 
 
 def encoder_form(checkpoint):
     """(encoder weights in torchvision layout, a short description of the form) of any
     checkpoint form users have.
 
-    A full checkpoint (ours or the authors', `state_dict` with `module.` keys) gives its
-    momentum encoder; an encoder-only file may carry `module.`, `momentum_encoder.`,
+    A full checkpoint (ours or the authors', `state_dict` with `module.` keys) gives the
+    encoder its method evaluates (`evaluated_encoder`, recorded by main.py: the
+    momentum encoder of ReSA, the online one of BYOL; the momentum encoder in the
+    authors' files); an encoder-only file may carry `module.`, `momentum_encoder.`,
     `encoder.` or `backbone.` prefixes and a torchvision `fc` head, which is dropped.
     Tensors that are not under the chosen prefix are ignored.
     """
@@ -250,11 +241,14 @@ def encoder_form(checkpoint):
     state = checkpoint["state_dict"] if nested else checkpoint
     state = {k.removeprefix("module."): v for k, v in state.items()
              if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
-    for prefix in ENCODER_PREFIXES:
+    recorded = checkpoint.get("evaluated_encoder") if nested else None
+    for prefix in sorted(ENCODER_PREFIXES, key=lambda p: p != recorded):  # recorded first
         picked = strip_prefix(state, prefix)
         if not picked:
             continue
-        if prefix != "momentum_encoder.":
+        if prefix == recorded:
+            form = f"full checkpoint: its {RECORDED_FORMS.get(prefix, repr(prefix))} encoder"
+        elif prefix != "momentum_encoder.":
             form = f"checkpoint with an '{prefix}' prefix"
         elif any(k.startswith(("encoder.", "projector.")) for k in state):
             form = "full checkpoint: its momentum encoder"
@@ -265,4 +259,8 @@ def encoder_form(checkpoint):
         picked, form = state, "encoder-only state dict, torchvision layout"
         if any(k.startswith("fc.") for k in picked):
             form += " (its fc head dropped)"
-    return {k: v for k, v in picked.items() if not k.startswith("fc.")}, form
+    return _without_fc(picked), form
+
+
+def _without_fc(state):
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}

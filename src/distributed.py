@@ -6,6 +6,7 @@ multi-node NCCL. SLURM's `srun` variables are translated to torch.distributed's.
 """
 import os
 import subprocess
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -64,48 +65,55 @@ def with_cpu_backend(backend):
     return f"cpu:gloo,cuda:{backend.split(':')[-1]}"
 
 
-def init_distributed(args):
-    """Start the process group when launched by torchrun/SLURM; pick the device.
+@dataclass(frozen=True)
+class Processes:
+    """Where this process runs: its rank among `world_size` processes, its device."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    distributed: bool = False
 
-    Sets args.rank, args.world_size, args.local_rank, args.distributed and args.device.
-    """
+
+def init_distributed(run):
+    """Start the process group when launched by torchrun/SLURM and pick the device, as
+    config.Run `run` says; returns this process's Processes."""
     _translate_slurm_env()
-    args.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    args.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     if cuda:
-        index = 0 if args.no_set_device_rank else args.local_rank % torch.cuda.device_count()
-        args.device = torch.device("cuda", index)
-        torch.cuda.set_device(args.device)
+        index = 0 if run.no_set_device_rank else local_rank % torch.cuda.device_count()
+        device = torch.device("cuda", index)
+        torch.cuda.set_device(device)
     else:
-        args.device = torch.device("cpu")
-    if args.distributed:
-        backend = args.dist_backend or ("nccl" if cuda else "gloo")
+        device = torch.device("cpu")
+    if distributed:
+        backend = run.dist_backend or ("nccl" if cuda else "gloo")
         if backend == "nccl" and not cuda:
             raise UsageError("--dist-backend nccl needs CUDA GPUs; use gloo on CPU")
-        dist.init_process_group(backend=with_cpu_backend(backend), init_method=args.dist_url,
+        dist.init_process_group(backend=with_cpu_backend(backend), init_method=run.dist_url,
                                 world_size=int(os.environ["WORLD_SIZE"]),
                                 rank=int(os.environ["RANK"]))
-    args.rank, args.world_size = get_rank(), get_world_size()
-    return args
+    return Processes(get_rank(), get_world_size(), local_rank, device, distributed)
 
 
-def sync_batchnorm(model, args):
+def sync_batchnorm(model, processes):
     """Batch norm across the GPUs of the run (SyncBatchNorm), as the authors pretrain;
     the model itself on one process or on CPU. Build the optimizer from the result."""
-    if args.distributed and args.device.type == "cuda":
+    if processes.distributed and processes.device.type == "cuda":
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
 
 
-def wrap_ddp(model, args):
+def wrap_ddp(model, processes):
     """`model` in DistributedDataParallel when the run has several processes; else
     `model` itself. The wrapper trains; checkpoints read the model."""
-    if not args.distributed:
+    if not processes.distributed:
         return model
-    cuda = args.device.type == "cuda"
+    cuda = processes.device.type == "cuda"
     return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[args.device] if cuda else None)
+        model, device_ids=[processes.device] if cuda else None)
 
 
 def cleanup():
@@ -113,12 +121,13 @@ def cleanup():
         dist.destroy_process_group()
 
 
-def run_distributed(body, args):
-    """Start the process group (when launched by torchrun or srun), run `body(args)` on
-    every process and always tear the group down."""
-    init_distributed(args)
+def run_distributed(body, config):
+    """Start the process group (when launched by torchrun or srun) as `config.run`
+    says, run `body(config, processes)` on every process and always tear the group
+    down."""
+    processes = init_distributed(config.run)
     try:
-        return body(args)
+        return body(config, processes)
     finally:
         cleanup()
 

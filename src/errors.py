@@ -6,7 +6,7 @@
     2    bad input: flags, paths, data, checkpoints (one line, no traceback)
     74   a file could not be written: disk full, quota, file-size limit (one line;
          the old checkpoint is intact)
-    75   stopped by a signal once the checkpoint was written (src/preemption.py)
+    75   stopped by a signal once the checkpoint was written (src/train/preemption.py)
     130  interrupted (a second Ctrl-C): one line, no traceback
 
 `script_entry` wraps each script's `main`: it maps the exceptions to these codes,
@@ -20,9 +20,7 @@ import multiprocessing
 import os
 import sys
 
-from src.preemption import EXIT_PREEMPTED, Preempted
-
-EXIT_FAILED, EXIT_USAGE, EXIT_DISK, EXIT_INTERRUPTED = 1, 2, 74, 130
+EXIT_FAILED, EXIT_USAGE, EXIT_DISK, EXIT_PREEMPTED, EXIT_INTERRUPTED = 1, 2, 74, 75, 130
 CHILD_GRACE_S = 2.0  # for loader workers already told to stop, before SIGKILL
 
 
@@ -35,8 +33,21 @@ class NonFiniteLoss(RuntimeError):
     about to be checkpointed, are NaN or infinite."""
 
 
+class UnreadableImage(UsageError):
+    """An image file that does not decode (truncated, not an image, gone). Training
+    substitutes another sample (src/data/loader.py); evaluation stops."""
+
+    def __init__(self, message, path=None):
+        super().__init__(message)
+        self.path = path
+
+
 class DiskError(Exception):
     """A file could not be written (disk full, quota, file-size limit, I/O error)."""
+
+
+class Preempted(Exception):
+    """Raised on every process once the checkpoint after a stop signal is written."""
 
 
 _held = contextlib.ExitStack()  # what the running script holds until it ends

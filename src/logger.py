@@ -6,6 +6,8 @@ import os
 import secrets
 import sys
 
+from tqdm import tqdm
+
 LOGGER_NAME = "resa"
 WANDB_RUN = "wandb_run.json"   # in --dump_path: the W&B run that a restart continues
 
@@ -35,6 +37,14 @@ def get_logger():
     return logging.getLogger(LOGGER_NAME)
 
 
+def progress(iterable, total, desc, initial=0):
+    """A tqdm bar with ETA where the log shows info lines (rank 0, see setup_logging);
+    sparse updates when stderr is not a terminal."""
+    return tqdm(iterable, total=total, desc=desc, initial=initial,
+                disable=not get_logger().isEnabledFor(logging.INFO), dynamic_ncols=True,
+                mininterval=1.0 if sys.stderr.isatty() else 30.0)
+
+
 def save_results(dump_path, name, results):
     """Write the final scores as JSON next to out.log (rank 0), for scripts and tables."""
     path = os.path.join(dump_path, name)
@@ -50,17 +60,18 @@ class ScalarWriter:
     Every scalar's step is the global training iteration. A resumed run passes the step
     it resumes from (0 for a run that starts afresh) as `purge_step`: TensorBoard then
     drops what an interrupted run had logged from that step on, so each step shows once.
-    With the run's `args`, whose `wandb_project` is set, the same scalars (same names
-    and steps) also go to Weights & Biases (see `start_wandb`).
+    They go to `run.dump_path`/tb (`run` is a config.Run) and, when its
+    `wandb_project` is set, also to Weights & Biases, with the same names and steps
+    (see `start_wandb`).
     """
 
-    def __init__(self, log_dir, enabled, purge_step=None, args=None):
+    def __init__(self, run, enabled, purge_step=None):
         self.writer = self.wandb = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter  # slow import: only on rank 0
-            self.writer = SummaryWriter(log_dir, purge_step=purge_step)
-            if args is not None and args.wandb_project:
-                self.wandb = start_wandb(args, resumed=bool(purge_step))
+            self.writer = SummaryWriter(os.path.join(run.dump_path, "tb"), purge_step=purge_step)
+            if run.wandb_project:
+                self.wandb = start_wandb(run, resumed=bool(purge_step))
 
     def add(self, step, prefix="", **scalars):
         if self.writer is not None:
@@ -76,8 +87,8 @@ class ScalarWriter:
             self.wandb.finish()
 
 
-def start_wandb(args, resumed):
-    """The W&B run of project `args.wandb_project` named `args.env_name`, or None when
+def start_wandb(run, resumed):
+    """The W&B run of project `run.wandb_project` named `run.env_name`, or None when
     the optional wandb package is missing or W&B does not start (then TensorBoard
     alone). Its id is kept in dump_path/wandb_run.json: a resumed run continues that
     W&B run (steps W&B already holds are not rewritten), a fresh start begins a new
@@ -90,19 +101,18 @@ def start_wandb(args, resumed):
         log.info("wandb is not installed: the scalars go to TensorBoard only (pip install "
                  "wandb to mirror them to Weights & Biases)")
         return None
-    from src.checkpoint import plain_args  # src.checkpoint imports this module
-    run_id = (resumed and saved_wandb_id(args.dump_path)) or secrets.token_hex(4)
-    save_results(args.dump_path, WANDB_RUN, {"id": run_id})
+    run_id = (resumed and saved_wandb_id(run.dump_path)) or secrets.token_hex(4)
+    save_results(run.dump_path, WANDB_RUN, {"id": run_id})
     try:
-        run = wandb.init(project=args.wandb_project, name=args.env_name, id=run_id,
-                         resume="allow", dir=args.dump_path, config=plain_args(args))
+        wandb_run = wandb.init(project=run.wandb_project, name=run.env_name, id=run_id,
+                               resume="allow", dir=run.dump_path, config=run.flags)
     except Exception as err:  # no network, no login, a wandb error: TensorBoard goes on
         log.warning(f"Weights & Biases did not start ({type(err).__name__}: {err}); the "
                     f"scalars go to TensorBoard only (WANDB_MODE=offline needs no network)")
         return None
-    log.info(f"Weights & Biases: project {args.wandb_project}, run {args.env_name} (id "
+    log.info(f"Weights & Biases: project {run.wandb_project}, run {run.env_name} (id "
              f"{run_id}, {'continued' if resumed else 'new'})")
-    return run
+    return wandb_run
 
 
 def saved_wandb_id(dump_path):

@@ -7,8 +7,6 @@ import torch
 import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from src.data import dataset_info
-
 # name -> (block, layers per stage, width multiplier of every channel)
 RESNETS = {
     "resnet18": (BasicBlock, [2, 2, 2, 2], 1),
@@ -22,7 +20,6 @@ RESNETS = {
     "resnet200x2": (Bottleneck, [3, 24, 36, 3], 2),
 }
 ARCHS = tuple(RESNETS)
-PLAIN_INIT_RESNET18 = ("cifar10", "cifar100", "stl10", "fashion_mnist", "demo")
 
 
 class WideResNet(ResNet):
@@ -62,37 +59,29 @@ def _init_resnet(model, zero_init_residual):
                 nn.init.zeros_(m.bn2.weight)
 
 
-def build_encoder(arch, small_images=False, zero_init_residual=False):
-    """Return (encoder, feature_dim): a ResNet whose forward gives the pooled features.
+def build_encoder(config):
+    """Return (encoder, feature_dim) of config.Encoder `config`: a ResNet whose forward
+    gives the pooled features.
 
-    `small_images` swaps in resa_cifar's stem (SPEC §2): no max-pool and a 3x3 stride-1
-    conv that zero-pads by 2. The authors pad the input by one pixel (a ConstantPad2d
-    without parameters) before their padding-1 conv; padding the conv by 2 is the same
+    The cifar stem is resa_cifar's (SPEC §2): no max-pool and a 3x3 stride-1 conv that
+    zero-pads by 2. The authors pad the input by one pixel (a ConstantPad2d without
+    parameters) before their padding-1 conv; padding the conv by 2 is the same
     arithmetic with torchvision's state-dict keys, so a 32x32 image gives 34x34 maps.
     """
-    block, layers, widen = RESNETS[arch]
+    block, layers, widen = RESNETS[config.arch]
+    zero_init = config.zero_init_residual
     if widen == 1:
-        model = ResNet(block, layers, zero_init_residual=zero_init_residual)
+        model = ResNet(block, layers, zero_init_residual=zero_init)
     else:
-        model = WideResNet(block, layers, widen, zero_init_residual=zero_init_residual)
+        model = WideResNet(block, layers, widen, zero_init_residual=zero_init)
     feature_dim = model.fc.in_features
     model.fc = nn.Identity()
-    if small_images:
+    if config.stem == "cifar":
         width = model.conv1.out_channels
         model.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=2, bias=False)
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
         model.maxpool = nn.Identity()
     return model, feature_dim
-
-
-def pretraining_encoder(arch, dataset, stem=None):
-    """(encoder, feature_dim) to pretrain on `dataset`: the `stem` asked for (default:
-    CIFAR's for small images) and zero-init residual BNs (SPEC §2), except resnet18 on
-    resa_cifar's datasets (STL-10 included) and the other small ones, which resa_cifar
-    trains without."""
-    zero_init = not (arch == "resnet18" and dataset in PLAIN_INIT_RESNET18)
-    small = dataset_info(dataset).small_images if stem is None else stem == "cifar"
-    return build_encoder(arch, small, zero_init)
 
 
 def speed_up(model, channels_last=False, compile_backend=None):

@@ -1,4 +1,5 @@
-"""Per-iteration schedules as arrays, indexed by the global iteration (SPEC §4)."""
+"""Per-iteration schedules as arrays, indexed by the global iteration (SPEC §4): the
+learning rate of the trainers and the EMA coefficient of the momentum methods."""
 import numpy as np
 
 
@@ -19,12 +20,8 @@ def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmu
     return np.concatenate((warmup, cosine))
 
 
-def lr_schedule(args, lr, iters_per_epoch):
-    """Learning rate per iteration for the batch-scaled `lr`; `--final_lr` defaults to lr/10."""
-    final = 0.1 * lr if args.final_lr is None else args.final_lr
-    return cosine_schedule(lr, final, args.epochs, iters_per_epoch, args.warmup_epochs)
-
-
-def momentum_schedule(args, iters_per_epoch):
-    """EMA coefficient per iteration: half-cosine from args.momentum up to 1, no warm-up."""
-    return cosine_schedule(args.momentum, 1.0, args.epochs, iters_per_epoch)
+def lr_schedule(optim, lr, iters_per_epoch):
+    """Learning rate per iteration of config.Optim `optim` for the batch-scaled `lr`;
+    --final_lr defaults to lr/10."""
+    final = 0.1 * lr if optim.final_lr is None else optim.final_lr
+    return cosine_schedule(lr, final, optim.epochs, iters_per_epoch, optim.warmup_epochs)

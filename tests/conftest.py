@@ -4,7 +4,7 @@ import logging
 import pytest
 import torch
 
-from helpers_eval import make_image_folder
+from helpers_eval import make_image_folder, resnet
 from src.logger import LOGGER_NAME
 
 
@@ -21,7 +21,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def demo_path(tmp_path_factory):
     """The demo dataset, generated once per test session."""
-    from src.demo_data import ensure_demo_dataset
+    from src.data.demo import ensure_demo_dataset
     path = tmp_path_factory.mktemp("demo") / "data"
     ensure_demo_dataset(str(path))
     return str(path)
@@ -36,9 +36,8 @@ def image_folder(tmp_path_factory):
 def resnet18_file(tmp_path_factory):
     """An encoder-only resnet18 file (ImageNet stem), with non-default BN statistics so
     that a load that skipped buffers would be noticed."""
-    from src.models import build_encoder
     torch.manual_seed(1)
-    encoder, _ = build_encoder("resnet18")
+    encoder, _ = resnet("resnet18")
     for name, buffer in encoder.state_dict().items():
         if name.endswith("running_mean"):
             buffer.uniform_(-0.1, 0.1)

@@ -82,7 +82,7 @@ def arm(rank, point, count, action, patch=setattr):
         return calls["n"] == count
 
     if point == "step":
-        from src.optim import AmpOptimizer
+        from src.train.optim import AmpOptimizer
         step = AmpOptimizer.step
 
         def step_then(self, loss):
@@ -91,7 +91,7 @@ def arm(rank, point, count, action, patch=setattr):
                 action()
         patch(AmpOptimizer, "step", step_then)
     elif point == "forward":
-        from src.train_loop import TrainLoop
+        from src.train.loop import TrainLoop
         train_step = TrainLoop._train_step
 
         def in_step(self, batch):
@@ -123,14 +123,14 @@ def arm(rank, point, count, action, patch=setattr):
                 action()
         patch(os, "replace", replace_then)
     elif point == "data":
-        import src.data
-        load = src.data._load
+        import src.data.datasets as datasets
+        load = datasets.read_split
 
         def loading(*args, **kwargs):
             if counted():
                 action()
             return load(*args, **kwargs)
-        patch(src.data, "_load", loading)
+        patch(datasets, "read_split", loading)
     elif point == "eval":
         from torchvision.models.resnet import ResNet
         forward = ResNet.forward

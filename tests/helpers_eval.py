@@ -89,6 +89,14 @@ class TensorImages(Dataset):
         return self.images[i], self.targets[i]
 
 
+def resnet(arch="resnet18", stem="imagenet"):
+    """(encoder, feature_dim) in torchvision's default initialisation, the one the
+    evaluations load weights into."""
+    from src.config import Encoder
+    from src.models import build_encoder
+    return build_encoder(Encoder(arch, stem, zero_init_residual=False))
+
+
 def small_encoder():
     """A few-layer CNN with batch norm; seed before calling for identical weights."""
     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
@@ -97,17 +105,17 @@ def small_encoder():
 
 def extraction_worker(rank, world_size, init_file, out_dir, dataset, batch_size, ks):
     """One of `world_size` gloo processes: extract the bank and run the sharded k-NN."""
-    from src.knn import knn_eval
-    from src.engine import extract_features
+    from src.eval.features import Extraction, extract_features
+    from src.eval.knn import Bank, knn_eval
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world_size)
     try:
         torch.manual_seed(0)
         encoder = small_encoder().train()
-        bank, labels = extract_features(encoder, dataset, batch_size, 0, torch.device("cpu"),
-                                        normalize=True)
-        results = knn_eval(bank, labels, bank, labels, ks, 0.07, len(dataset.classes))
+        bank, labels = extract_features(encoder, dataset, Extraction(batch_size, normalize=True),
+                                        torch.device("cpu"))
+        results = knn_eval(Bank(bank, labels), bank, labels, ks, 0.07, len(dataset.classes))
         torch.save({"bank": bank, "labels": labels, "knn": results,
                     "training": encoder.training}, Path(out_dir) / f"rank{rank}.pt")
     finally:

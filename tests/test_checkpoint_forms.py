@@ -8,18 +8,18 @@ import pytest
 import torch
 import torchvision
 
-from helpers_eval import assert_usage_error, fast_flags, run_script
+from helpers_eval import assert_usage_error, fast_flags, resnet, run_script
 from src.checkpoint import encoder_form, load_file, with_module_prefix
 from src.errors import UsageError
-from src.models import build_encoder, build_predictor, build_projector
-from src.pretrained import load_pretrained_encoder
+from src.models import build_predictor, build_projector
+from src.eval.pretrained import load_pretrained_encoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def seeded_encoder(seed):
     torch.manual_seed(seed)
-    encoder, _ = build_encoder("resnet18")
+    encoder, _ = resnet("resnet18")
     for name, buffer in encoder.state_dict().items():  # distinct BN statistics too
         if name.endswith("running_mean"):
             buffer.normal_(0, 0.1)
@@ -52,6 +52,11 @@ FORMS = {
     "ours": ({"epoch": 3, "state_dict": with_module_prefix(full_state()),
               "optimizer": {"state": {}, "param_groups": []}, "args": {"arch": "resnet18"}},
              MOMENTUM, ("momentum encoder", "epoch 3")),
+    # main.py records the encoder its method evaluates: BYOL's is the online one
+    "ours_evaluating_the_online_encoder": (
+        {"epoch": 3, "state_dict": with_module_prefix(full_state()),
+         "evaluated_encoder": "encoder.", "args": {"arch": "resnet18", "method": "byol"}},
+        ONLINE, ("full checkpoint: its online encoder", "epoch 3")),
     # the authors' loop writes the scheduled lr into the optimizer as a numpy float64
     "authors_full": ({"epoch": 100, "state_dict": with_module_prefix(full_state()),
                       "optimizer": {"state": {}, "param_groups": [
@@ -75,7 +80,7 @@ def test_every_form_loads_exactly(form, tmp_path, log_lines):
     content, expected, words = FORMS[form]
     path = tmp_path / "weights.pth"
     torch.save(content, path)
-    encoder, _ = build_encoder("resnet18")
+    encoder, _ = resnet("resnet18")
     assert load_pretrained_encoder(encoder, str(path))
     loaded = encoder.state_dict()
     assert set(loaded) == set(expected)
@@ -105,7 +110,7 @@ def test_authors_numpy1_checkpoint_loads(tmp_path, log_lines):
     path = tmp_path / "resa_full.pth"
     save_as_numpy1(content, path)
     assert b"numpy.core.multiarray\nscalar" in zipfile.ZipFile(path).read("resa_full/data.pkl")
-    encoder, _ = build_encoder("resnet18")
+    encoder, _ = resnet("resnet18")
     assert load_pretrained_encoder(encoder, str(path)) == "full checkpoint: its momentum encoder"
     assert all(torch.equal(encoder.state_dict()[k], v) for k, v in expected.items())
     lr = load_file(str(path))["optimizer"]["param_groups"][0]["lr"]
@@ -121,17 +126,17 @@ def test_files_that_are_not_checkpoints(content, tmp_path):
 
 
 def test_empty_path_keeps_the_random_encoder_with_a_warning(log_lines):
-    encoder, _ = build_encoder("resnet18")
+    encoder, _ = resnet("resnet18")
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     assert load_pretrained_encoder(encoder, "") is None
     assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
     assert any("RANDOMLY INITIALISED" in line for line in log_lines)
 
 
-def load_error(content, tmp_path, arch="resnet18", small_images=False):
+def load_error(content, tmp_path, arch="resnet18", stem="imagenet"):
     path = tmp_path / "bad.pth"
     torch.save(content, path)
-    encoder, _ = build_encoder(arch, small_images)
+    encoder, _ = resnet(arch, stem)
     with pytest.raises(UsageError) as err:
         load_pretrained_encoder(encoder, str(path))
     return str(err.value)
@@ -150,7 +155,7 @@ def test_no_encoder_key_at_all(tmp_path):
 
 def test_other_arch_and_other_stem_are_refused(tmp_path):
     assert "missing layer1.0.bn3" in load_error(dict(ONLINE), tmp_path, arch="resnet50")
-    assert "conv1.weight" in load_error(dict(ONLINE), tmp_path, small_images=True)
+    assert "conv1.weight" in load_error(dict(ONLINE), tmp_path, stem="cifar")
 
 
 def test_a_file_without_a_state_dict(tmp_path):

@@ -1,5 +1,5 @@
 """Clustering properties (SPEC §9): the metrics against hand computations, the
-momentum-branch features, and tools/clusters.py end to end and on bad input."""
+momentum-branch features, and eval_clusters.py end to end and on bad input."""
 import json
 import logging
 import math
@@ -13,17 +13,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import args as cli
+import eval_clusters as clusters
 from args import get_args
 from helpers_eval import (TensorImages, assert_ok, assert_usage_error, run_script,
                           torchrun)
-from method import get_method
+from method import build_model
+from src import config
 from src.checkpoint import with_module_prefix
-from src.clustering import (METRICS, branch_features, clustering_scores, feature_names,
-                            kmeans_agreement, nearest_k, projector_features, seeded_subset,
-                            silhouette)
-from src.demo_data import MARKER, generate_demo_dataset
+from src.data.demo import MARKER, generate_demo_dataset
+from src.data.readers import cifar100_superclasses
+from src.errors import UsageError
+from src.eval.clustering import (METRICS, KnnVote, branch_features, clustering_scores,
+                                 feature_names, kmeans_agreement, nearest_k, projector_features,
+                                 seeded_subset, silhouette)
+from src.eval.features import Extraction
+from src.eval.knn import Bank
+from src.eval.pictures import draw_tsne
 from src.logger import LOGGER_NAME
-from tools import clusters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,8 +109,8 @@ def test_scores_hold_the_five_metrics_and_the_knn_top1_of_a_toy_bank():
     bank_labels = torch.tensor([0, 0, 1, 1])
     # the first two are right, the last one's nearest bank rows are class 1: 2 of 3
     test = torch.tensor([unit(3), unit(97), unit(93)])
-    scores = clustering_scores(test, torch.tensor([0, 1, 0]), bank, bank_labels, k=2,
-                               temperature=0.07, num_classes=2)
+    scores = clustering_scores(test, torch.tensor([0, 1, 0]), Bank(bank, bank_labels),
+                               KnnVote(k=2, temperature=0.07, num_classes=2))
     assert tuple(scores) == METRICS
     assert scores["knn_top1"] == pytest.approx(200 / 3)
 
@@ -123,17 +130,34 @@ def test_seeded_subset_is_fixed_sorted_and_capped():
 
 # ----------------------------------------------------------------------------- features
 
-def tiny_method(**flags):
-    """A ReSA model with a small projector (64 wide, 32-d embedding), BN statistics
-    moved away from their defaults so that a load that skipped them would show."""
+def tiny_flags(**flags):
+    """The pretraining flags of a ReSA model with a small projector (64 wide, 32-d
+    embedding), and `flags` ({"--name": value})."""
     argv = ["--dataset", "demo", "--data_path", "unused", "--mlp_dim", "64", "--emb", "32"]
-    argv += [str(x) for pair in flags.items() for x in pair]
+    return get_args(argv + [str(x) for pair in flags.items() for x in pair])
+
+
+def tiny_method(**flags):
+    """The model of `tiny_flags(**flags)`, BN statistics moved away from their
+    defaults so that a load that skipped them would show."""
+    configs = cli.pretraining(tiny_flags(**flags))
     torch.manual_seed(0)
-    model = get_method(get_args(argv))
+    model = build_model(configs.method, configs.heads, configs.encoder)
     for name, buffer in model.momentum_projector.state_dict().items():
         if name.endswith("running_mean"):
             buffer.uniform_(-0.1, 0.1)
     return model
+
+
+def full_checkpoint(model, flags=None):
+    """A full checkpoint of `model` in our layout: what main.py writes (its flags
+    recorded, its evaluated encoder named), or without `flags` the authors' (neither),
+    with an authors'-style numpy lr in the optimizer."""
+    recorded = {"args": cli.recorded_flags(flags),
+                "evaluated_encoder": model.evaluated_prefix()} if flags else {}
+    return {"epoch": 1, "state_dict": with_module_prefix(model.state_dict()),
+            "optimizer": {"state": {}, "param_groups": [{"lr": np.float64(0.05),
+                                                         "params": [0]}]}, **recorded}
 
 
 def test_branch_features_are_the_normalised_momentum_outputs_in_eval_mode():
@@ -141,7 +165,8 @@ def test_branch_features_are_the_normalised_momentum_outputs_in_eval_mode():
     encoder, projector = model.momentum_encoder.train(), model.momentum_projector.train()
     images = torch.randn(6, 3, 32, 32)
     dataset = TensorImages(images, [0, 1, 2, 0, 1, 2], 3)
-    features, labels = branch_features(encoder, projector, dataset, 4, 0, torch.device("cpu"))
+    features, labels = branch_features(encoder, projector, dataset, Extraction(4),
+                                       torch.device("cpu"))
     assert list(features) == ["encoding", "projector_hidden1", "projector_hidden2", "embedding"]
     assert list(features) == feature_names(projector) and labels.tolist() == dataset.targets
     assert encoder.training and projector.training  # modes restored
@@ -175,14 +200,13 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """A full checkpoint in our layout (with an authors'-style numpy lr in the
-    optimizer and no `args`) and the encoder-only export of the same model."""
+    """A full checkpoint as main.py writes it (its flags recorded: the tool's flags
+    below give none of its network's sizes) and the encoder-only export of the same
+    model."""
     folder = tmp_path_factory.mktemp("checkpoints")
     model = tiny_method()
     full, encoder_only = folder / "checkpoint.pth.tar", folder / "encoder.pth"
-    torch.save({"epoch": 1, "state_dict": with_module_prefix(model.state_dict()),
-                "optimizer": {"state": {}, "param_groups": [
-                    {"lr": np.float64(0.05), "params": [0]}]}}, full)
+    torch.save(full_checkpoint(model, tiny_flags()), full)
     torch.save(model.momentum_encoder.state_dict(), encoder_only)
     return SimpleNamespace(full=full, encoder_only=encoder_only)
 
@@ -194,7 +218,7 @@ def tool_flags(demo, dump, *extra):
 
 @pytest.fixture
 def in_process(capsys):
-    """Run tools/clusters.py's main here (faster than a subprocess); returns an object
+    """Run eval_clusters.py's main here (faster than a subprocess); returns an object
     like subprocess.CompletedProcess. The log handlers it opens are closed after."""
     logger = logging.getLogger(LOGGER_NAME)
     handlers, level = list(logger.handlers), logger.level
@@ -218,7 +242,7 @@ def in_process(capsys):
 def full_run(demo, checkpoints, tmp_path_factory):
     """The tool as users start it, on the full checkpoint."""
     dump = tmp_path_factory.mktemp("clusters_full")
-    result = run_script("tools/clusters.py", *tool_flags(demo, dump, "--pretrained",
+    result = run_script("eval_clusters.py", *tool_flags(demo, dump, "--pretrained",
                                                          checkpoints.full))
     assert_ok(result)
     return SimpleNamespace(result=result, dump=dump,
@@ -263,8 +287,9 @@ def test_encoder_only_checkpoint_gives_the_encoding_alone(full_run, demo, checkp
 
 
 def test_torchrun_two_processes_give_the_same_results(full_run, demo, checkpoints, tmp_path):
+    """Also the former command, tools/clusters.py, which runs eval_clusters.py."""
     result = run_script("tools/clusters.py", *tool_flags(demo, tmp_path, "--pretrained",
-                                                         checkpoints.full, "--tsne_samples", 0),
+                                                          checkpoints.full, "--tsne_samples", 0),
                         launcher=torchrun(2))
     assert_ok(result)
     scores = json.loads((tmp_path / "clustering.json").read_text())
@@ -338,34 +363,76 @@ def test_cifar100_superclasses_come_from_the_dataset_files(tmp_path):
         pickle.dump({"fine_labels": [0, 1, 2], "coarse_labels": [4, 1, 4]}, f)
     with open(folder / "meta", "wb") as f:
         pickle.dump({"coarse_label_names": [f"super{i}" for i in range(20)]}, f)
-    coarse, names = clusters.cifar100_superclasses(tmp_path)
+    coarse, names = cifar100_superclasses(tmp_path)
     assert coarse.tolist() == [4, 1, 4] and names[4] == "super4" and len(names) == 20
     # the coarse row of the picture: one row per labelling, one column per feature
     points = {"encoding H": np.random.default_rng(0).normal(size=(3, 2)),
               "embedding Z": np.random.default_rng(1).normal(size=(3, 2))}
-    clusters.draw_tsne(tmp_path / "two_rows.png", points,
-                       [(np.array([0, 1, 2]), ["a", "b", "c"], "classes"),
-                        (coarse, names, "superclasses")])
+    draw_tsne(tmp_path / "two_rows.png", points,
+              [(np.array([0, 1, 2]), ["a", "b", "c"], "classes"),
+               (coarse, names, "superclasses")])
     with Image.open(tmp_path / "two_rows.png") as picture:
         assert picture.format == "PNG" and picture.size[1] > 600  # two rows
-    with pytest.raises(clusters.UsageError, match="superclasses"):
-        clusters.cifar100_superclasses(tmp_path / "elsewhere")
+    with pytest.raises(UsageError, match="superclasses"):
+        cifar100_superclasses(tmp_path / "elsewhere")
 
 
-def test_projector_shapes_are_read_from_the_state_dict(checkpoints):
-    model = tiny_method(**{"--mlp_layers": 2})
-    checkpoint = {"state_dict": with_module_prefix(model.state_dict())}  # no args
-    projector = clusters.momentum_projector(checkpoint, "x", 512, torch.device("cpu"))
-    assert [type(layer) for layer in projector] == [type(layer) for layer in
-                                                    model.momentum_projector]
-    for got, want in zip(projector.state_dict().values(),
-                         model.momentum_projector.state_dict().values()):
-        assert torch.equal(got, want)
-    assert clusters.momentum_projector(torch.load(checkpoints.encoder_only), "x", 512,
-                                       torch.device("cpu")) is None
-    with pytest.raises(clusters.UsageError, match="takes 512 features"):
-        clusters.momentum_projector(checkpoint, "x", 2048, torch.device("cpu"))
-    assert isinstance(projector[-1], nn.BatchNorm1d) and not projector[-1].affine
+def analysis(*argv):
+    """The eval_clusters.Analysis of the tool's flags `argv`, as its main builds it."""
+    flags = get_args([str(a) for a in argv], "clusters", own_flags=clusters.OWN_FLAGS)
+    return clusters.Analysis(cli.run_config(flags), cli.pick(config.Data, flags),
+                             cli.encoder_config(flags), flags)
+
+
+def assert_same_tensors(module, reference):
+    assert list(module.state_dict()) == list(reference.state_dict())
+    for (name, got), want in zip(module.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(got, want), name
+
+
+def test_the_method_is_rebuilt_from_the_flags_the_checkpoint_records(checkpoints, tmp_path):
+    """The momentum branch of a full checkpoint, its projector as deep and wide as its
+    recorded flags say whatever the tool's flags; the authors' layout, which records
+    none, read with the tool's flags (and refused, one clear error, when they do not
+    fit); an encoder-only file has no projector."""
+    shallow = {"--mlp_layers": 2}
+    model = tiny_method(**shallow)
+    ours, authors = tmp_path / "ours.pth.tar", tmp_path / "authors.pth.tar"
+    torch.save(full_checkpoint(model, tiny_flags(**shallow)), ours)
+    torch.save(full_checkpoint(model), authors)
+    tool = ("--dataset", "demo", "--data_path", "unused")  # projector: 3 layers, 2048, 512
+    authors_flags = (*tool, "--mlp_layers", 2, "--mlp_dim", 64, "--emb", 32)
+    for path, flags in ((ours, tool), (authors, authors_flags)):
+        encoder, projector, form, _ = clusters.load_branch(
+            analysis(*flags, "--pretrained", path), 0, torch.device("cpu"))
+        assert [type(layer) for layer in projector] == [type(layer) for layer in
+                                                        model.momentum_projector]
+        assert_same_tensors(projector, model.momentum_projector)
+        assert_same_tensors(encoder, model.momentum_encoder)
+        assert isinstance(projector[-1], nn.BatchNorm1d) and not projector[-1].affine
+        assert "momentum encoder" in form
+    with pytest.raises(UsageError, match="does not fit this model"):
+        clusters.load_branch(analysis(*tool, "--pretrained", authors), 0, torch.device("cpu"))
+    encoder, projector, _, _ = clusters.load_branch(
+        analysis(*tool, "--pretrained", checkpoints.encoder_only), 0, torch.device("cpu"))
+    assert projector is None
+    exported = torch.load(checkpoints.encoder_only)
+    assert all(torch.equal(encoder.state_dict()[k], v) for k, v in exported.items())
+
+
+def test_random_baseline_is_built_as_the_checkpoint_records(tmp_path):
+    """The baseline of a checkpoint trained with other network flags than the tool's
+    (here the cifar stem and no zero-init) is that network, not the tool's default."""
+    trained = {"--stem": "cifar", "--mlp_layers": 2}
+    model = tiny_method(**trained)
+    path = tmp_path / "cifar_stem.pth.tar"
+    torch.save(full_checkpoint(model, tiny_flags(**trained)), path)
+    tool = analysis("--dataset", "demo", "--data_path", "unused", "--pretrained", path)
+    assert tool.encoder.stem == "imagenet"
+    encoder, _, _, built_as = clusters.load_branch(tool, 0, torch.device("cpu"))
+    assert built_as == cli.encoder_config(tiny_flags(**trained)) and built_as.stem == "cifar"
+    baseline = clusters.random_encoder(built_as, 0, torch.device("cpu"))
+    assert baseline.conv1.weight.shape == encoder.conv1.weight.shape == (64, 3, 3, 3)
 
 
 def test_random_baseline_is_the_initialisation_pretraining_starts_from(demo, tmp_path,

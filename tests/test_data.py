@@ -1,11 +1,12 @@
-"""Tests of src/data.py and src/demo_data.py: views, eval transforms, the demo
-dataset, the Fashion-MNIST reader, truncation and the clear-error cases."""
+"""Tests of src/data/ (datasets.py, readers.py, transforms.py, demo.py): views, eval
+transforms, the demo dataset, the Fashion-MNIST reader, truncation and the clear-error
+cases."""
 import gzip
 import re
 import socket
 import urllib.error
+from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,27 +14,38 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
-from src import data, demo_data
-from src.data import (DATASETS, DatasetInfo, GaussianBlur, MultiCropTransform,
-                      build_eval_dataset, build_eval_transform, build_pretrain_dataset,
-                      dataset_info, read_idx)
+from src import config
+from src.data import demo as demo_data
+from src.data import readers
+from src.data.datasets import DATASETS, dataset_spec, eval_dataset, pretrain_dataset
+from src.data.readers import read_idx
+from src.data.transforms import GaussianBlur, MultiCropTransform, eval_transform
 from src.errors import UsageError
 
-NO_BLUR = DatasetInfo((0.5,) * 3, (0.25,) * 3, 32, True, 0.0, 10)
+
+def make_views(**overrides):
+    """config.Views of one 32 px strong view, no blur, normalised with mean 0.5 and std
+    0.25 (lists become tuples, as args.py hands them over)."""
+    values = dict(crops_nmb=[1], crops_size=[32], crops_min_scale=[0.2], crops_max_scale=[1.0],
+                  solarization_prob=[0.2], blur_prob=0.0, mean=(0.5,) * 3, std=(0.25,) * 3)
+    values.update(overrides)
+    return config.Views(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-def make_args(**overrides):
-    """A resolved argument namespace as args.py would hand it over."""
-    args = dict(dataset='demo', data_path='', crops_nmb=[1], crops_size=[32],
-                crops_min_scale=[0.2], crops_max_scale=[1.0], solarization_prob=[0.2],
-                size_dataset=-1)
-    args.update(overrides)
-    return SimpleNamespace(**args)
+def dataset_views(name, **overrides):
+    """make_views with the blur and normalisation of dataset `name`, as args.py sets them."""
+    spec = dataset_spec(name)
+    return make_views(blur_prob=spec.blur_prob, mean=spec.mean, std=spec.std, **overrides)
 
 
-def unnormalize(view, info):
-    """A normalised view back to [0, 1] pixel values."""
-    return view * torch.tensor(info.std)[:, None, None] + torch.tensor(info.mean)[:, None, None]
+def make_data(**overrides):
+    """config.Data of the demo dataset (no --data_path), all of its images."""
+    return config.Data(**{'dataset': 'demo', 'data_path': '', 'size_dataset': -1, **overrides})
+
+
+def unnormalize(view, views):
+    """A normalised view back to [0, 1] pixel values (`views`: its config.Views)."""
+    return view * torch.tensor(views.std)[:, None, None] + torch.tensor(views.mean)[:, None, None]
 
 
 def random_image(width=50, height=40, seed=0):
@@ -57,9 +69,10 @@ def demo_root(tmp_path_factory):
     ([1, 3], [24, 8], [24, 24, 8, 8, 8]),
 ])
 def test_views_count_sizes_and_order(nmb, sizes, expected):
-    args = make_args(crops_nmb=nmb, crops_size=sizes, crops_min_scale=[0.2] * len(nmb),
-                     crops_max_scale=[1.0] * len(nmb), solarization_prob=[0.2] * len(nmb))
-    transform = MultiCropTransform(args, NO_BLUR)
+    views_config = make_views(crops_nmb=nmb, crops_size=sizes, crops_min_scale=[0.2] * len(nmb),
+                              crops_max_scale=[1.0] * len(nmb),
+                              solarization_prob=[0.2] * len(nmb))
+    transform = MultiCropTransform(views_config)
     views = transform(random_image())
     assert len(transform) == len(views) == len(expected)
     assert [tuple(v.shape) for v in views] == [(3, s, s) for s in expected]
@@ -69,12 +82,13 @@ def test_views_count_sizes_and_order(nmb, sizes, expected):
 def test_weak_view_has_no_colour_ops_but_strong_views_do():
     colour = (200, 60, 30)
     img = Image.new('RGB', (40, 40), colour)
-    transform = MultiCropTransform(make_args(), NO_BLUR)
+    no_blur = make_views()
+    transform = MultiCropTransform(no_blur)
     target = torch.tensor(colour, dtype=torch.float32)[:, None, None] / 255
     strong_changed = 0
     torch.manual_seed(0)
     for _ in range(30):
-        weak, strong = (unnormalize(v, NO_BLUR) for v in transform(img))
+        weak, strong = (unnormalize(v, no_blur) for v in transform(img))
         assert torch.allclose(weak, target.expand_as(weak), atol=1e-5)
         strong_changed += (strong - target).abs().max().item() > 0.02
     assert strong_changed >= 10        # jitter p=0.8, grayscale p=0.2
@@ -85,10 +99,11 @@ def test_solarization_probability(prob):
     # A white image stays >= 153/255 under colour jitter (brightness >= 0.6, no
     # contrast/saturation/hue effect on gray), so solarizing maps it to <= 102/255.
     img = Image.new('RGB', (40, 40), (255, 255, 255))
-    transform = MultiCropTransform(make_args(solarization_prob=[prob]), NO_BLUR)
+    no_blur = make_views(solarization_prob=[prob])
+    transform = MultiCropTransform(no_blur)
     torch.manual_seed(0)
     for _ in range(20):
-        weak, strong = (unnormalize(v, NO_BLUR) for v in transform(img))
+        weak, strong = (unnormalize(v, no_blur) for v in transform(img))
         assert weak.min() > 0.999
         if prob == 1.0:
             assert strong.max() < 0.41
@@ -98,16 +113,16 @@ def test_solarization_probability(prob):
 
 def test_solarization_per_group():
     img = Image.new('RGB', (40, 40), (255, 255, 255))
-    args = make_args(crops_nmb=[1, 2], crops_size=[32, 16], crops_min_scale=[0.2, 0.05],
-                     crops_max_scale=[1.0, 0.2], solarization_prob=[0.0, 1.0])
-    views = [unnormalize(v, NO_BLUR) for v in MultiCropTransform(args, NO_BLUR)(img)]
+    no_blur = make_views(crops_nmb=[1, 2], crops_size=[32, 16], crops_min_scale=[0.2, 0.05],
+                         crops_max_scale=[1.0, 0.2], solarization_prob=[0.0, 1.0])
+    views = [unnormalize(v, no_blur) for v in MultiCropTransform(no_blur)(img)]
     assert views[1].min() > 0.59
     assert views[2].max() < 0.41 and views[3].max() < 0.41
 
 
 def test_grayscale_input_gives_three_channels():
     img = Image.fromarray(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28))   # mode 'L'
-    views = MultiCropTransform(make_args(), dataset_info('fashion_mnist'))(img)
+    views = MultiCropTransform(dataset_views('fashion_mnist'))(img)
     assert all(v.shape == (3, 32, 32) for v in views)
     assert torch.equal(views[0][0], views[0][1]) and torch.equal(views[0][1], views[0][2])
 
@@ -121,29 +136,37 @@ def test_gaussian_blur_probability():
 
 
 def test_mismatched_crop_lists_are_a_usage_error():
-    with pytest.raises(UsageError, match='same number of values'):
-        MultiCropTransform(make_args(crops_nmb=[1, 1]), NO_BLUR)
+    with pytest.raises(UsageError, match='crop lists must have equal lengths'):
+        make_views(crops_nmb=[1, 1])
 
 
-def test_dataset_info():
+def statistics(spec):
+    """(mean, std, crop size, small images, blur probability, classes) of a DatasetSpec."""
+    return (spec.mean, spec.std, spec.crop_size, spec.small_images, spec.blur_prob,
+            spec.num_classes)
+
+
+def test_dataset_spec():
     assert set(DATASETS) == {'imagenet', 'cifar10', 'cifar100', 'stl10', 'fashion_mnist', 'demo'}
-    assert dataset_info('imagenet') == DatasetInfo(
+    assert statistics(dataset_spec('imagenet')) == (
         (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 224, False, 0.5, 1000)
-    assert dataset_info('cifar10').mean == (0.4914, 0.4822, 0.4465)
-    assert dataset_info('cifar100').std == (0.2673, 0.2564, 0.2762)
-    assert dataset_info('cifar100').num_classes == 100
-    assert all(dataset_info(n).small_images and dataset_info(n).blur_prob == 0.0
+    assert dataset_spec('cifar10').mean == (0.4914, 0.4822, 0.4465)
+    assert dataset_spec('cifar100').std == (0.2673, 0.2564, 0.2762)
+    assert dataset_spec('cifar100').num_classes == 100
+    assert all(dataset_spec(n).small_images and dataset_spec(n).blur_prob == 0.0
+               and dataset_spec(n).stem == 'cifar'
                for n in ('cifar10', 'cifar100', 'fashion_mnist'))
     # the demo goes through the ImageNet path (stem included) at 32 px, without blur
-    assert not dataset_info('demo').small_images and dataset_info('demo').blur_prob == 0.0
+    demo = dataset_spec('demo')
+    assert not demo.small_images and demo.stem == 'imagenet' and demo.blur_prob == 0.0
     with pytest.raises(UsageError, match='unknown dataset'):
-        dataset_info('mnist')
+        dataset_spec('mnist')
 
 
 # ----------------------------------------------------------------------------- eval transforms
 
 def test_plain_eval_transform_imagenet_like_is_resize_center_crop():
-    transform = build_eval_transform(dataset_info('imagenet'), 224, 'plain')
+    transform = eval_transform(dataset_spec('imagenet'), 224, 'plain')
     img = random_image(300, 200)
     out = transform(img)
     assert out.shape == (3, 224, 224)
@@ -155,18 +178,18 @@ def test_plain_eval_transform_imagenet_like_is_resize_center_crop():
 
 
 def test_plain_eval_transform_small_images():
-    info = dataset_info('cifar10')
+    info = dataset_spec('cifar10')
     img = random_image(32, 32)
-    out = build_eval_transform(info, 32, 'plain')(img)
+    out = eval_transform(info, 32, 'plain')(img)
     assert torch.allclose(unnormalize(out, info),
                           torch.from_numpy(np.array(img)).permute(2, 0, 1) / 255, atol=1e-6)
     gray28 = Image.fromarray(np.zeros((28, 28), np.uint8))
-    assert build_eval_transform(dataset_info('fashion_mnist'), 32, 'plain')(gray28).shape == (3, 32, 32)
+    assert eval_transform(dataset_spec('fashion_mnist'), 32, 'plain')(gray28).shape == (3, 32, 32)
 
 
 @pytest.mark.parametrize('name, crop', [('imagenet', 64), ('cifar10', 32), ('fashion_mnist', 32)])
 def test_train_aug_eval_transform_is_random_with_right_shape(name, crop):
-    transform = build_eval_transform(dataset_info(name), crop, 'train_aug')
+    transform = eval_transform(dataset_spec(name), crop, 'train_aug')
     img = random_image(28 if name == 'fashion_mnist' else 80, 28 if name == 'fashion_mnist' else 80)
     torch.manual_seed(0)
     outs = [transform(img) for _ in range(5)]
@@ -272,14 +295,14 @@ def test_demo_refuses_a_foreign_non_empty_folder(tmp_path):
 
 
 def test_demo_pretrain_dataset_and_size_dataset(demo_root):
-    args = make_args(data_path=str(demo_root), crops_nmb=[2], crops_size=[32],
-                     crops_min_scale=[0.2], crops_max_scale=[1.0], solarization_prob=[0.2])
-    full = build_pretrain_dataset(args)
+    data = make_data(data_path=str(demo_root))
+    views_config = make_views(crops_nmb=[2], crops_size=[32], crops_min_scale=[0.2],
+                              crops_max_scale=[1.0], solarization_prob=[0.2])
+    full = pretrain_dataset(data, views_config)
     assert len(full) == 2000
     views = full[0]
     assert isinstance(views, list) and [v.shape for v in views] == [(3, 32, 32)] * 3
-    args.size_dataset = 7
-    small = build_pretrain_dataset(args)
+    small = pretrain_dataset(replace(data, size_dataset=7), views_config)
     assert len(small) == 7
     folder = small.dataset
     assert len(folder.samples) == len(folder.imgs) == len(folder.targets) == 7
@@ -287,15 +310,15 @@ def test_demo_pretrain_dataset_and_size_dataset(demo_root):
 
 
 def test_demo_eval_dataset(demo_root):
-    args = make_args(data_path=str(demo_root), size_dataset=7)     # not applied to eval
-    train = build_eval_dataset(args, 'train', 'plain')
-    val = build_eval_dataset(args, 'val', 'plain')
+    data = make_data(data_path=str(demo_root), size_dataset=7)     # not applied to eval
+    train = eval_dataset(data, 'train', 'plain', 32)
+    val = eval_dataset(data, 'val', 'plain', 32)
     assert (len(train), len(val)) == (2000, 500)
     assert train.classes == val.classes and len(val.samples) == len(val.targets) == 500
     x, y = val[0]
     assert x.shape == (3, 32, 32) and isinstance(y, int)
     assert torch.equal(x, val[0][0])
-    assert build_eval_dataset(args, 'train', 'train_aug')[0][0].shape == (3, 32, 32)
+    assert eval_dataset(data, 'train', 'train_aug', 32)[0][0].shape == (3, 32, 32)
 
 
 # ----------------------------------------------------------------------------- fashion-mnist
@@ -307,35 +330,35 @@ def write_idx(path, array):
         f.write(header + array.astype(np.uint8).tobytes())
 
 
-@pytest.mark.skipif(not Path(data.FASHION_MNIST_DIR).is_dir(),
+@pytest.mark.skipif(not Path(readers.FASHION_MNIST_DIR).is_dir(),
                     reason='Debian package dataset-fashion-mnist is not installed')
 def test_fashion_mnist_reader_on_real_files():
     for split, count in (('train', 60000), ('val', 10000)):
-        ds = build_eval_dataset(make_args(dataset='fashion_mnist', data_path='/nonexistent'),
-                                split, 'plain')
+        ds = eval_dataset(make_data(dataset='fashion_mnist', data_path='/nonexistent'),
+                          split, 'plain', 32)
         assert len(ds) == len(ds.targets) == count
         assert ds.data.shape == (count, 28, 28)
         assert sorted(set(ds.targets)) == list(range(10)) and len(ds.classes) == 10
         x, y = ds[0]
         assert x.shape == (3, 32, 32) and 0 <= y < 10
-    pre = build_pretrain_dataset(make_args(dataset='fashion_mnist', data_path='/nonexistent',
-                                           size_dataset=100))
+    pre = pretrain_dataset(make_data(dataset='fashion_mnist', data_path='/nonexistent',
+                                     size_dataset=100), dataset_views('fashion_mnist'))
     assert len(pre) == 100 and [v.shape for v in pre[99]] == [(3, 32, 32)] * 2
 
 
 def test_fashion_mnist_from_data_path(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, 'FASHION_MNIST_DIR', str(tmp_path / 'absent'))
+    monkeypatch.setattr(readers, 'FASHION_MNIST_DIR', str(tmp_path / 'absent'))
     images = np.arange(3 * 28 * 28).reshape(3, 28, 28) % 256
     write_idx(tmp_path / 't10k-images-idx3-ubyte.gz', images)
     write_idx(tmp_path / 't10k-labels-idx1-ubyte.gz', np.array([4, 0, 9]))
-    ds = build_eval_dataset(make_args(dataset='fashion_mnist', data_path=str(tmp_path)),
-                            'val', 'plain')
+    ds = eval_dataset(make_data(dataset='fashion_mnist', data_path=str(tmp_path)),
+                      'val', 'plain', 32)
     assert ds.targets == [4, 0, 9]
     assert np.array_equal(ds.data, images)
-    raw = data.FashionMNIST(tmp_path, train=False)
+    raw = readers.FashionMNIST(tmp_path, train=False)
     assert raw[1][0].mode == 'L' and raw[1][0].size == (28, 28)
     with pytest.raises(UsageError, match='dataset-fashion-mnist.*--data_path'):   # no train files
-        build_pretrain_dataset(make_args(dataset='fashion_mnist', data_path=str(tmp_path)))
+        pretrain_dataset(make_data(dataset='fashion_mnist', data_path=str(tmp_path)), make_views())
 
 
 def test_read_idx_rejects_bad_files(tmp_path):
@@ -359,35 +382,37 @@ def make_image_folder(root, split, classes=('a', 'b'), per_class=2):
 
 def test_missing_data_path(tmp_path):
     with pytest.raises(UsageError, match='does not exist'):
-        build_pretrain_dataset(make_args(dataset='imagenet', data_path=str(tmp_path / 'nope')))
+        pretrain_dataset(make_data(dataset='imagenet', data_path=str(tmp_path / 'nope')),
+                         make_views())
     with pytest.raises(UsageError, match='required'):
-        build_pretrain_dataset(make_args(dataset='imagenet', data_path=''))
+        pretrain_dataset(make_data(dataset='imagenet', data_path=''), make_views())
     (tmp_path / 'file').write_text('x')
     with pytest.raises(UsageError, match='not a folder'):
-        build_pretrain_dataset(make_args(dataset='imagenet', data_path=str(tmp_path / 'file')))
+        pretrain_dataset(make_data(dataset='imagenet', data_path=str(tmp_path / 'file')),
+                         make_views())
 
 
 def test_missing_train_and_val_folders(tmp_path):
-    args = make_args(dataset='imagenet', data_path=str(tmp_path))
+    data = make_data(dataset='imagenet', data_path=str(tmp_path))
     with pytest.raises(UsageError, match='no train/ folder'):
-        build_pretrain_dataset(args)
+        pretrain_dataset(data, make_views())
     make_image_folder(tmp_path, 'train')
-    assert len(build_pretrain_dataset(args)) == 4
-    assert build_eval_dataset(args, 'train', 'plain').classes == ['a', 'b']
+    assert len(pretrain_dataset(data, make_views())) == 4
+    assert eval_dataset(data, 'train', 'plain', 32).classes == ['a', 'b']
     with pytest.raises(UsageError, match='no val/ folder'):
-        build_eval_dataset(args, 'val', 'plain')
+        eval_dataset(data, 'val', 'plain', 32)
 
 
 def test_train_folder_without_classes_or_images(tmp_path):
-    args = make_args(dataset='imagenet', data_path=str(tmp_path))
+    data = make_data(dataset='imagenet', data_path=str(tmp_path))
     (tmp_path / 'train').mkdir()
     (tmp_path / 'train' / 'loose.png').write_bytes(b'')
     with pytest.raises(UsageError, match='no class folders'):
-        build_pretrain_dataset(args)
+        pretrain_dataset(data, make_views())
     (tmp_path / 'train' / 'cls').mkdir()
     (tmp_path / 'train' / 'cls' / 'notes.txt').write_text('no images here')
     with pytest.raises(UsageError, match='without image files'):
-        build_pretrain_dataset(args)
+        pretrain_dataset(data, make_views())
 
 
 @pytest.mark.parametrize('name, module', [('cifar10', 'cifar'), ('cifar100', 'cifar'),
@@ -400,10 +425,10 @@ def test_torchvision_dataset_offline_is_a_usage_error(name, module, tmp_path, mo
         raise urllib.error.URLError('[Errno -3] Temporary failure in name resolution')
     monkeypatch.setattr(f'torchvision.datasets.{module}.download_and_extract_archive', offline)
     before = socket.getdefaulttimeout()
-    archive = re.escape(data.ARCHIVES[name])
+    archive = re.escape(readers.ARCHIVES[name])
     with pytest.raises(UsageError, match=f'{name}: not found in --data_path .*put {archive}'):
-        build_pretrain_dataset(make_args(dataset=name, data_path=str(tmp_path)))
-    assert timeouts == [data.DOWNLOAD_TIMEOUT_S]       # the download ran with a timeout
+        pretrain_dataset(make_data(dataset=name, data_path=str(tmp_path)), make_views())
+    assert timeouts == [readers.DOWNLOAD_TIMEOUT_S]       # the download ran with a timeout
     assert socket.getdefaulttimeout() == before        # ... which was restored
 
 
@@ -411,23 +436,26 @@ def test_stl10_is_resa_cifars_recipe(tmp_path, monkeypatch):
     """resa_cifar's STL-10 run: train+unlabeled, 32 px crops, resnet18 with the ImageNet
     stem and plain initialisation, no predictor, fp32, no blur, its mean and std."""
     from torchvision.datasets import stl10
-    from args import get_args
+    from args import get_args, pretraining
     from helpers_eval import make_fake_stl10
-    from method import get_method
+    from method import build_model
     monkeypatch.setattr(stl10, 'check_integrity', lambda *args, **kwargs: True)
     make_fake_stl10(tmp_path, train=20, unlabeled=30, test=10)
-    assert dataset_info('stl10') == DatasetInfo((0.43, 0.42, 0.39), (0.27, 0.26, 0.27), 32,
-                                                False, 0.0, 10)
+    assert statistics(dataset_spec('stl10')) == ((0.43, 0.42, 0.39), (0.27, 0.26, 0.27), 32,
+                                                 False, 0.0, 10)
     args = get_args(['--dataset', 'stl10', '--data_path', str(tmp_path), '--mlp_dim', '16',
                      '--emb', '8'])
     assert (args.arch, args.epochs, args.lr, args.wd, args.warmup_epochs, args.crops_size,
             args.pred, args.stem, args.precision) == (
         'resnet18', 1000, 0.3, 1e-4, 2, [32], False, 'imagenet', 'fp32')
-    pretrain = build_pretrain_dataset(args)
+    configs = pretraining(args)
+    assert (configs.views.blur_prob, configs.views.mean, configs.views.std) == (
+        0.0, (0.43, 0.42, 0.39), (0.27, 0.26, 0.27))
+    pretrain = pretrain_dataset(configs.data, configs.views)
     assert len(pretrain) == 50  # train + unlabeled
     assert [tuple(v.shape) for v in pretrain[0]] == [(3, 32, 32)] * 2
-    assert len(build_eval_dataset(args, 'train', 'monitor')) == 20
-    assert len(build_eval_dataset(args, 'val', 'monitor')) == 10
-    model = get_method(args)
+    assert len(eval_dataset(configs.data, 'train', 'monitor', 32)) == 20
+    assert len(eval_dataset(configs.data, 'val', 'monitor', 32)) == 10
+    model = build_model(configs.method, configs.heads, configs.encoder)
     assert model.predictor is None and model.encoder.conv1.kernel_size == (7, 7)
     assert all(block.bn2.weight.eq(1).all() for block in model.encoder.layer1)  # no zero-init

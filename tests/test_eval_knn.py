@@ -10,14 +10,15 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import args as cli
 import eval_knn
 from args import get_args
-from src import knn
-from src.distributed import run_distributed
-from src.knn import knn_classifier, knn_eval
 from helpers_eval import (TensorImages, assert_ok, assert_usage_error, extraction_worker,
                           fast_flags, make_image_folder, run_script, small_encoder, torchrun)
-from src.engine import extract_features
+from src.distributed import run_distributed
+from src.eval import knn
+from src.eval.features import Extraction, extract_features, extract_shard
+from src.eval.knn import Bank, knn_classifier, knn_eval
 from src.logger import LOGGER_NAME
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,7 +101,7 @@ def test_chunked_search_matches_brute_force(monkeypatch):
     test_labels = torch.randint(0, 7, (50,), generator=generator)
     monkeypatch.setattr(knn, "MAX_SIMILARITIES", 900)  # 3 test rows per chunk
     assert knn.chunk_rows(300) == 3
-    both = knn_eval(train, train_labels, test, test_labels, [1, 20], 0.1, 7)
+    both = knn_eval(Bank(train, train_labels), test, test_labels, [1, 20], 0.1, 7)
     for k in (1, 20):
         expected = brute_force(train, train_labels, test, test_labels, k, 0.1, 7)
         got = knn_classifier(train, train_labels, test, test_labels, k, T=0.1, num_classes=7)
@@ -122,7 +123,8 @@ def test_two_gloo_processes_extract_the_same_bank_as_one(tmp_path):
              args=(2, str(tmp_path / "pg"), str(tmp_path), dataset, 2, [1, 3]))
     torch.manual_seed(0)
     encoder = small_encoder().train()
-    bank, labels = extract_features(encoder, dataset, 2, 0, torch.device("cpu"), normalize=True)
+    bank, labels = extract_features(encoder, dataset, Extraction(2, normalize=True),
+                                    torch.device("cpu"))
     single = {k: knn_classifier(bank, labels, bank, labels, k, num_classes=7) for k in (1, 3)}
     assert encoder.training  # the train mode is given back
     assert labels.tolist() == list(range(7))
@@ -164,7 +166,7 @@ def test_two_gloo_processes_with_a_sharded_bank_equal_one(tmp_path):
     mp.spawn(sharded_worker, nprocs=2, join=True,
              args=(str(tmp_path / "pg"), str(tmp_path), bank, labels, queries, query_labels, ks))
     sims, neighbor_labels, index = knn.nearest_neighbors(bank, labels, queries, max(ks))
-    single = knn_eval(bank, labels, queries, query_labels, ks, 0.5, 5)
+    single = knn_eval(Bank(bank, labels), queries, query_labels, ks, 0.5, 5)
     for rank in range(2):
         out = torch.load(tmp_path / f"shard{rank}.pt")
         assert out["rows"] == len(bank[rank::2])  # the memory per process halves
@@ -182,8 +184,8 @@ def sharded_worker(rank, init_file, out_dir, bank, labels, queries, query_labels
         shard, shard_labels = bank[shard_index], labels[shard_index]
         sims, neighbor_labels, index = knn.nearest_neighbors(
             shard, shard_labels, queries, max(ks), shard_index, len(bank))
-        results = knn_eval(shard, shard_labels, queries, query_labels, ks, 0.5, 5,
-                           train_index=shard_index, bank_size=len(bank))
+        results = knn_eval(Bank(shard, shard_labels, shard_index, len(bank)), queries,
+                           query_labels, ks, 0.5, 5)
         torch.save({"sims": sims, "labels": neighbor_labels, "index": index, "knn": results,
                     "rows": len(shard)}, f"{out_dir}/shard{rank}.pt")
     finally:
@@ -249,16 +251,16 @@ def dtype_recorder(encoder, seen):
 @pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32),
                                               ("bf16", torch.bfloat16)])
 def test_extraction_runs_the_encoder_under_precision_and_keeps_fp32(precision, dtype):
-    from src.engine import extract_shard
     torch.manual_seed(0)
     seen = []
     encoder = dtype_recorder(small_encoder(), seen)
     dataset = TensorImages(torch.randn(10, 3, 8, 8), torch.arange(10) % 2, 2)
     cpu = torch.device("cpu")
-    bank, _ = extract_features(encoder, dataset, 4, 0, cpu, precision=precision)
-    shard, _, _ = extract_shard(encoder, dataset, 4, 0, cpu, precision=precision)
+    how = Extraction(4, precision=precision)
+    bank, _ = extract_features(encoder, dataset, how, cpu)
+    shard, _, _ = extract_shard(encoder, dataset, how, cpu)
     assert set(seen) == {dtype} and bank.dtype == shard.dtype == torch.float32
-    reference, _ = extract_features(encoder, dataset, 4, 0, cpu)
+    reference, _ = extract_features(encoder, dataset, Extraction(4), cpu)
     assert torch.allclose(bank, reference, atol=0.05 if precision == "bf16" else 0)
     assert torch.equal(shard, bank)
 
@@ -266,7 +268,6 @@ def test_extraction_runs_the_encoder_under_precision_and_keeps_fp32(precision, d
 def test_eval_knn_extracts_under_its_precision(image_folder, resnet18_file, tmp_path,
                                                monkeypatch):
     """--precision bf16 reaches the encoder's arithmetic (it was listed and ignored)."""
-    import eval_knn
     seen = []
     build = eval_knn.build_encoder
     monkeypatch.setattr(eval_knn, "build_encoder",
@@ -287,7 +288,7 @@ def test_cpu_bank_under_a_group_without_a_cpu_backend_equals_one_process(
     own set-up give the accuracies of one process."""
     flags = fast_flags(image_folder, tmp_path / "one", "--nb_knn", 1, 5,
                        "--pretrained", resnet18_file, "--use_cuda", "False")
-    single = run_distributed(eval_knn.evaluate, get_args(flags, "eval_knn"))
+    single = run_distributed(eval_knn.evaluate, cli.knn(get_args(flags, "eval_knn")))
     mp.spawn(knn_script_worker, nprocs=2, join=True,
              args=(str(tmp_path / "pg"), str(tmp_path), flags))
     for rank in range(2):
@@ -301,4 +302,4 @@ def knn_script_worker(rank, init_file, out_dir, flags):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
     args = get_args([*flags, "--dump_path", f"{out_dir}/two"], "eval_knn")  # the last one counts
     args.dist_backend, args.dist_url = "cuda:gloo", f"file://{init_file}"
-    torch.save(run_distributed(eval_knn.evaluate, args), f"{out_dir}/knn{rank}.pt")
+    torch.save(run_distributed(eval_knn.evaluate, cli.knn(args)), f"{out_dir}/knn{rank}.pt")

@@ -14,17 +14,18 @@ import torch
 import torch.nn as nn
 from torchvision import datasets
 
+import args as cli
 import eval_linear
 from args import get_args
-from eval_linear import (Classifier, build_optimizer, changed_tensors, resumed_reference,
-                         snapshot)
 from helpers_eval import (REPO, assert_ok, assert_usage_error, fast_flags, make_image_folder,
-                          run_script, torchrun)
-from src import subsets
+                          resnet, run_script, torchrun)
+from src.config import Probe
+from src.data import subsets
+from src.data.subsets import parse_subset, select_subset, shipped_subset, subset_names
 from src.distributed import init_distributed
 from src.errors import UsageError
-from src.models import build_encoder
-from src.subsets import parse_subset, select_subset, shipped_subset, subset_names
+from src.eval.linear import (Classifier, changed_tensors, probe_optimizer, resumed_reference,
+                             snapshot)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,10 +119,10 @@ def test_torchrun_linear_probe(image_folder, resnet18_file, tmp_path):
 def test_a_moving_encoder_fails_the_frozen_check(image_folder, tmp_path, monkeypatch, capsys):
     # Sabotage: let the encoder's batch norm train; the run must end with an error.
     monkeypatch.setattr(Classifier, "train", nn.Module.train)
-    args = get_args(fast_flags(image_folder, tmp_path / "out", "--epochs", 1))
-    init_distributed(args)
+    config = cli.probe(get_args(fast_flags(image_folder, tmp_path / "out", "--epochs", 1),
+                                "eval_linear"))
     with pytest.raises(SystemExit) as stop:
-        eval_linear.linear_eval(args)
+        eval_linear.linear_eval(config, init_distributed(config.run))
     assert "frozen encoder changed" in str(stop.value.code)
     assert "running_mean" in str(stop.value.code)
 
@@ -130,7 +131,7 @@ def test_a_moving_encoder_fails_the_frozen_check(image_folder, tmp_path, monkeyp
 
 def test_frozen_classifier_stays_in_eval_mode_and_has_a_zero_bias_head():
     torch.manual_seed(0)
-    encoder, dim = build_encoder("resnet18", small_images=True)
+    encoder, dim = resnet("resnet18", "cifar")
     model = Classifier(encoder, dim, 10, frozen=True).train()
     assert model.fc.training and not any(m.training for m in model.encoder.modules())
     assert not any(p.requires_grad for p in model.encoder.parameters())
@@ -144,24 +145,23 @@ def test_frozen_classifier_stays_in_eval_mode_and_has_a_zero_bias_head():
 
 
 def test_a_resumed_frozen_encoder_must_be_the_pretrained_one():
-    encoder, _ = build_encoder("resnet18", small_images=True)
+    encoder, _ = resnet("resnet18", "cifar")
     loaded = snapshot(encoder)
-    assert resumed_reference(encoder, loaded, SimpleNamespace(pretrained="w.pth"), "c") is loaded
+    assert resumed_reference(encoder, loaded, "w.pth", "c") is loaded
     encoder.conv1.weight.data += 1  # as if the dump folder held another run's checkpoint
     with pytest.raises(UsageError, match="holds another encoder than --pretrained w.pth"):
-        resumed_reference(encoder, loaded, SimpleNamespace(pretrained="w.pth"), "c")
-    random = resumed_reference(encoder, loaded, SimpleNamespace(pretrained=""), "c")
+        resumed_reference(encoder, loaded, "w.pth", "c")
+    random = resumed_reference(encoder, loaded, "", "c")
     assert changed_tensors(encoder, random) == []  # a random encoder: the resumed one counts
 
 
 @pytest.mark.parametrize("scheduler, factors", [("step", {59: 1, 60: 0.1, 80: 0.01}),
                                                 ("cos", {50: 0.5, 100: 0.0})])
 def test_learning_rate_scaling_and_schedules(scheduler, factors):
-    args = SimpleNamespace(batch_size=64, world_size=2, lr_classifier=40.0, lr_encoder=2e-4,
-                           scheduler=scheduler, epochs=100, fused=False)
-    encoder, dim = build_encoder("resnet18", small_images=True)
+    probe = Probe(lr_classifier=40.0, lr_encoder=2e-4, scheduler=scheduler, epochs=100)
+    encoder, dim = resnet("resnet18", "cifar")
     model = Classifier(encoder, dim, 10, frozen=False)
-    optimizer, schedule = build_optimizer(model, args)
+    optimizer, schedule = probe_optimizer(model, probe, total_batch=64 * 2, fused=False)
     base = [40 * 128 / 256, 2e-4 * 128 / 256]
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(base)
     assert all(g["momentum"] == 0.9 and g["weight_decay"] == 0 for g in optimizer.param_groups)
@@ -197,10 +197,11 @@ def synthetic_subset(classes=1000, per_class=13, seed=0):
 
 @pytest.mark.parametrize("percent, count", [(1, 12_811), (10, 128_116)])
 def test_the_shipped_lists_are_the_public_ones(percent, count):
-    """The authors' src/imagenet_subset/ lists, shipped here: --train_percent reads them
-    with no --train_files and no network; they are committed, not ignored."""
+    """The authors' src/imagenet_subset/ lists, shipped here in src/data/imagenet_subset/:
+    --train_percent reads them with no --train_files and no network; they are
+    committed, not ignored."""
     path = shipped_subset(percent)
-    assert path.parent == REPO / "src" / "imagenet_subset"
+    assert path.parent == REPO / "src" / "data" / "imagenet_subset"
     names = subset_names(percent)
     assert names == subsets.read_subset(path)
     assert len(names) == len(set(names)) == count

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from src import data
 from src.checkpoint import load_file
-from src.data import FASHION_MNIST_DIR, read_idx
+from src.data import readers
+from src.data.readers import FASHION_MNIST_DIR, read_idx
 from tools import fashion_mnist
 
 pytestmark = [
@@ -40,7 +40,7 @@ def tiny_fashion_mnist(tmp_path, monkeypatch):
         for kind in ("images-idx3", "labels-idx1"):
             name = f"{prefix}-{kind}-ubyte.gz"
             write_idx(folder / name, read_idx(Path(FASHION_MNIST_DIR) / name)[:n])
-    monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(folder))  # read before --data_path
+    monkeypatch.setattr(readers, "FASHION_MNIST_DIR", str(folder))  # read before --data_path
     return folder
 
 
@@ -81,7 +81,7 @@ def test_tool_end_to_end(tiny_fashion_mnist, tmp_path, capsys):
     assert results["final"] == written["final"]
 
     assert "$ python main.py --dataset fashion_mnist" in printed
-    assert "$ python tools/clusters.py" in printed
+    assert "$ python eval_clusters.py" in printed
     lines = printed.splitlines()
     table = lines[lines.index(next(l for l in lines if l.startswith("encoder"))):]
     assert table[1].startswith("random init") and table[2].startswith("ReSA, 2 epochs")
@@ -93,5 +93,5 @@ def test_tool_end_to_end(tiny_fashion_mnist, tmp_path, capsys):
     # a second call reuses the baseline, the finished run and the clustering results
     again = fashion_mnist.main(["--out", str(out), "--momentum", "1.0", *TINY])
     printed = capsys.readouterr().out
-    assert "random baseline: reusing" in printed and "$ python tools/clusters.py" not in printed
+    assert "random baseline: reusing" in printed and "$ python eval_clusters.py" not in printed
     assert again["curve"] == curve and again["random"] == written["random"]

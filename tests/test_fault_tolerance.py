@@ -21,7 +21,7 @@ from PIL import Image
 from crash_run import descendants
 from helpers_eval import fast_flags
 from helpers_run import digest, launch, one_line, run_main, wait_for
-from src.demo_data import make_image
+from src.data.demo import make_image
 
 REPO = Path(__file__).resolve().parents[1]
 

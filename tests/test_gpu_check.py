@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tools import gpu_check
+from tools.gpu_check import runner, smoke
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = ["preflight", "data", "bf16_compile", "train_fp16", "sigterm_resume",
@@ -38,7 +38,7 @@ def test_the_dry_run_executes_every_step_of_both_entry_points_on_the_cpu(tmp_pat
     for r in records:  # each step's line, printed as it ended
         assert f"{r['step']:<20} rc=0 " in result.stdout
     assert "== smoke: 13 of 13 steps passed" in result.stdout
-    assert result.stdout.count(": pass in ") == len(gpu_check.DEFECTS)  # defects 1 to 7
+    assert result.stdout.count(": pass in ") == len(smoke.DEFECTS)  # defects 1 to 7
     unit = next(r for r in records if r["step"] == "unit_checks")
     assert len(unit["details"]) == 5 and all(d.startswith("PASS") for d in unit["details"])
     steps = {r["step"]: r["figure"] for r in records}
@@ -72,14 +72,14 @@ def test_without_cuda_the_check_stops_at_once_in_one_line(tmp_path):
 def test_a_run_whose_process_died_is_not_waited_for(tmp_path):
     """One rank fails at once: its partner, which would wait in a collective, gets TERM."""
     start = time.monotonic()
-    ranks = gpu_check.Ranks([["sh", "-c", "exit 7"], ["sleep", "60"]], [{}, {}], 120,
-                            tmp_path / "log", {})
+    ranks = runner.Ranks([["sh", "-c", "exit 7"], ["sleep", "60"]], [{}, {}], 120,
+                         tmp_path / "log", {})
     assert ranks.wait() == 7
     assert time.monotonic() - start < 10
 
 
 def test_a_step_past_the_budget_is_reported_as_skipped(tmp_path, capsys):
-    check = gpu_check.Check("smoke", tmp_path, dry=True)
+    check = runner.Check("smoke", tmp_path, dry=True)
     check.work.rmdir()  # the steps' scratch folder: none needed here
     check.deadline = time.monotonic() + 5
     assert not check.step("late", 30, lambda: (0, "ran"))

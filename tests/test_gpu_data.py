@@ -1,6 +1,7 @@
 """The GPU data backend on CPU tensors: what the workers read, the batched decode with
 its fallbacks, the views it feeds to the step, and main.py with --data_backend gpu."""
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -8,14 +9,14 @@ import torch
 from PIL import Image
 
 import main as main_script
-from args import get_args
-from src.data import UnreadableImage, build_pretrain_dataset
-from src.errors import UsageError
-from src.gpu_data import (EncodedBatch, GpuViews, build_encoded_dataset, collate_encoded,
-                          decode, read_encoded, replace_unreadable)
-from src.gpu_views import N_PARAMS
+from args import get_args, pretraining
+from src.data.datasets import pretrain_dataset
+from src.data.encoded import (EncodedBatch, GpuViews, decode, read_encoded,
+                              replace_unreadable)
+from src.data.gpu_views import N_PARAMS
+from src.data.pipeline import PretrainingData
+from src.errors import UnreadableImage, UsageError
 from src.logger import LOGGER_NAME
-from src.loader import train_loader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,14 +67,14 @@ def test_batched_decode_matches_the_cpu_decoder_and_falls_back(tmp_path, monkeyp
     pil = torch.from_numpy(np.array(Image.open(files[1]))).permute(2, 0, 1).int()
     assert (images[1].int() - pil).abs().float().mean() < 2  # libjpeg vs PIL: rounding
     # the device decoder refuses the batch and one image: PIL decodes that one instead
-    import src.gpu_data as gpu_data
-    real = gpu_data.decode_jpeg
+    import src.data.encoded as encoded
+    real = encoded.decode_jpeg
 
     def picky(data, **kwargs):
         if isinstance(data, list) or data.numel() == items[1][0].numel():
             raise RuntimeError("nvjpeg: unsupported")
         return real(data, **kwargs)
-    monkeypatch.setattr(gpu_data, "decode_jpeg", picky)
+    monkeypatch.setattr(encoded, "decode_jpeg", picky)
     out = decode(EncodedBatch([items[0][0], items[1][0]], [True, True],
                               torch.zeros(2, 2, N_PARAMS)), torch.device("cpu"))
     assert torch.equal(out[0], images[0]) and torch.equal(out[1].int(), pil)
@@ -91,16 +92,18 @@ def test_batched_decode_matches_the_cpu_decoder_and_falls_back(tmp_path, monkeyp
 
 
 def test_gpu_backend_views_have_the_pil_pipelines_count_sizes_and_determinism(demo_path):
-    args = get_args(["--dataset", "demo", "--data_path", demo_path, "--size_dataset", "40",
-                     "--crops_nmb", "1", "1", "--crops_size", "32", "16",
-                     "--crops_min_scale", "0.2", "0.05", "--crops_max_scale", "1", "0.3",
-                     "--solarization_prob", "0.2", "0.2"])
-    pil_views = build_pretrain_dataset(args)[0]
-    make = GpuViews(args, torch.device("cpu"))
+    configs = pretraining(get_args([
+        "--dataset", "demo", "--data_path", demo_path, "--size_dataset", "40",
+        "--crops_nmb", "1", "1", "--crops_size", "32", "16", "--crops_min_scale", "0.2", "0.05",
+        "--crops_max_scale", "1", "0.3", "--solarization_prob", "0.2", "0.2",
+        "--data_backend", "gpu", "--batch_size", "8"]))
+    pil_views = pretrain_dataset(configs.data, configs.views)[0]
     batches = {}
     for workers in (0, 2):
-        loader = train_loader(build_encoded_dataset(args), 8, workers, seed=3,
-                              collate=collate_encoded)
+        data = PretrainingData(replace(configs.data, workers=workers), configs.views)
+        make = data.to_device(torch.device("cpu"))
+        assert isinstance(make, GpuViews)
+        loader = data.loader(seed=3)
         loader.batch_sampler.set_epoch(1)
         batches[workers] = [make(batch.data) for batch in loader]
     views = batches[0][0]
@@ -178,15 +181,15 @@ def jpeg_batch(tmp_path, count=3):
 
 def test_decode_fallbacks_are_logged_first_with_their_reason_then_counted_per_epoch(
         tmp_path, monkeypatch, logged):
-    import src.gpu_data as gpu_data
-    real = gpu_data.decode_jpeg
+    import src.data.encoded as encoded
+    real = encoded.decode_jpeg
 
     def no_batches(data, **kwargs):  # e.g. a build whose nvJPEG cannot decode batches
         if isinstance(data, list):
             raise RuntimeError("nvjpeg: batched decode unsupported")
         return real(data, **kwargs)
-    monkeypatch.setattr(gpu_data, "decode_jpeg", no_batches)
-    views = GpuViews(get_args(["--dataset", "demo"]), torch.device("cpu"))
+    monkeypatch.setattr(encoded, "decode_jpeg", no_batches)
+    views = GpuViews(pretraining(get_args(["--dataset", "demo"])).views, torch.device("cpu"))
     batch = jpeg_batch(tmp_path)
     for _ in range(2):
         views(batch)
@@ -200,11 +203,11 @@ def test_decode_fallbacks_are_logged_first_with_their_reason_then_counted_per_ep
 @pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory."),
                                    RuntimeError("CUDA error: out of memory")])
 def test_out_of_memory_while_decoding_is_not_a_fallback(tmp_path, monkeypatch, error, logged):
-    import src.gpu_data as gpu_data
+    import src.data.encoded as encoded
 
     def out_of_memory(data, **kwargs):
         raise error
-    monkeypatch.setattr(gpu_data, "decode_jpeg", out_of_memory)
+    monkeypatch.setattr(encoded, "decode_jpeg", out_of_memory)
     with pytest.raises(type(error), match="out of memory"):
         decode(jpeg_batch(tmp_path), torch.device("cpu"))
     assert not logged

@@ -1,4 +1,5 @@
-"""Tests of src/gpu_views.py against the PIL pipeline of src/data.py (SPEC §1).
+"""Tests of src/data/gpu_views.py against the PIL pipeline of src/data/transforms.py
+(SPEC §1).
 
 Three kinds of check: the random parameters follow torchvision's laws (statistical
 tests with fixed seeds, so they are deterministic), the pixels agree with torchvision's
@@ -7,7 +8,6 @@ see `PIXEL_CASES`), and the views have MultiCropTransform's count, order, sizes 
 normalization. All on CPU, single-threaded, in a few seconds.
 """
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,9 +18,12 @@ from torch.utils.data import default_collate
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from src import gpu_views as G
-from src.data import MultiCropTransform, dataset_info
+from src.config import ViewSpec
+from src.data import gpu_views as G
+from src.data.datasets import dataset_spec
+from src.data.transforms import MultiCropTransform
 from src.errors import UsageError
+from test_data import dataset_views, make_views
 
 KS_C = 1.95          # Kolmogorov-Smirnov critical constant for alpha = 0.001
 BINOM_SD = 4.5       # allowed deviation of a count, in binomial standard deviations
@@ -96,7 +99,7 @@ def abs_diff_stats(ours, ref):
 
 
 IMG_61x47, IMG_80 = natural_image(61, 47, 0), natural_image(80, 80, 1)
-CROP_SPEC = G.ViewSpec(80, (0.2, 1.0), True, 0.0, 0.0)     # 80x80 box -> 80: no resize
+CROP_SPEC = ViewSpec(80, (0.2, 1.0), True, 0.0, 0.0)     # 80x80 box -> 80: no resize
 FULL_80 = (0, 0, 80, 80)
 
 
@@ -109,7 +112,7 @@ def test_crop_box_law_matches_torchvision(height, width, scale):
     c = 1.95 (alpha = 0.001); measured <= 0.022 against a limit of 0.050. 120x20
     sends a third of the draws to the central fallback, so both branches are compared."""
     n = 3000
-    spec = [G.ViewSpec(16, scale, False, 0.0, 0.0)]
+    spec = [ViewSpec(16, scale, False, 0.0, 0.0)]
     gen = torch.Generator().manual_seed(0)
     ours = np.array([G.draw_params(gen, height, width, spec)[0, :4].numpy() for _ in range(n)])
     img = torch.empty(3, height, width)
@@ -132,7 +135,7 @@ def test_crop_box_law_matches_torchvision(height, width, scale):
 
 def test_fallback_box_is_torchvisions():
     """With scale (1, 1) on a 120x20 image no try fits: the central box, ratio clamped."""
-    spec = [G.ViewSpec(16, (1.0, 1.0), False, 0.0, 0.0)]
+    spec = [ViewSpec(16, (1.0, 1.0), False, 0.0, 0.0)]
     box = G.draw_params(torch.Generator().manual_seed(0), 120, 20, spec)[0, :4].tolist()
     ref = T.RandomResizedCrop.get_params(torch.empty(3, 120, 20), [1.0, 1.0], [3 / 4, 4 / 3])
     assert box == list(ref)
@@ -147,7 +150,7 @@ def test_colour_law_matches_torchvision():
     |z| <= 1.61, KS <= 0.017 (limit 0.031) one-sample and <= 0.026 (limit 0.044)
     two-sample, permutations |z| <= 2.58."""
     n = 4000
-    specs = [G.ViewSpec(16, (0.2, 1.0), False, 0.0, 0.0), G.ViewSpec(16, (0.2, 1.0), True, 0.5, 0.2)]
+    specs = [ViewSpec(16, (0.2, 1.0), False, 0.0, 0.0), ViewSpec(16, (0.2, 1.0), True, 0.5, 0.2)]
     gen = torch.Generator().manual_seed(1)
     params = torch.stack([G.draw_params(gen, 40, 30, specs) for _ in range(n)]).numpy()
     weak, strong = params[:, 0], params[:, 1]
@@ -177,7 +180,7 @@ def test_colour_law_matches_torchvision():
 
 
 def test_params_collate_to_batch():
-    specs = [G.ViewSpec(16, (0.2, 1.0), False, 0.0, 0.0), G.ViewSpec(8, (0.1, 0.5), True, 0.5, 0.2)]
+    specs = [ViewSpec(16, (0.2, 1.0), False, 0.0, 0.0), ViewSpec(8, (0.1, 0.5), True, 0.5, 0.2)]
     gen = torch.Generator().manual_seed(2)
     batch = default_collate([G.draw_params(gen, 30 + i, 20, specs) for i in range(3)])
     assert batch.shape == (3, 2, G.N_PARAMS) and batch.dtype == torch.float64
@@ -241,7 +244,7 @@ def test_resized_crop_matches_pil(strong, image, box, size):
     """Antialiased interpolate against PIL's resize of the same box; PIL rounds to
     uint8, so |error| ~ 0.5 plus filter differences. Measured mean <= 0.32, p99 <= 0.89
     (downscale and upscale, both modes)."""
-    spec = G.ViewSpec(size, (0.2, 1.0), strong, 0.0, 0.0)
+    spec = ViewSpec(size, (0.2, 1.0), strong, 0.0, 0.0)
     mode = InterpolationMode.BICUBIC if strong else InterpolationMode.BILINEAR
     ref = TF.resized_crop(_pil(image), *box, [size, size], mode)
     mean, p99 = abs_diff_stats(view_255(image, param_row(box), spec), ref)
@@ -272,7 +275,7 @@ def test_full_strong_view_matches_pil(box, size, order, factors, gray, sigma, so
     1.04-1.70); p99 is dominated by the blur's border rows next to strong edges
     (measured up to 17), so p99 is asserted on the interior (3 pixels in from every
     side, measured <= 8.5): <= 11."""
-    spec = G.ViewSpec(size, (0.2, 1.0), True, 0.5, 0.2)
+    spec = ViewSpec(size, (0.2, 1.0), True, 0.5, 0.2)
     row = param_row(box, jitter=1, order=order, brightness=factors[0], contrast=factors[1],
                     saturation=factors[2], hue=factors[3], gray=gray, blur=1, sigma=sigma,
                     solarize=solarize, flip=flip)
@@ -295,7 +298,7 @@ def test_batched_jitter_matches_torchvision_tensor_ops():
     params = torch.stack([param_row((0, 0, 40, 40), jitter=1, order=o, brightness=f[0],
                                     contrast=f[1], saturation=f[2], hue=f[3])[None]
                           for o, f in settings])
-    spec = G.ViewSpec(40, (0.2, 1.0), True, 0.0, 0.0)
+    spec = ViewSpec(40, (0.2, 1.0), True, 0.0, 0.0)
     ours = G.make_views([to_tensor(a) for a in images], params, [spec], (0.,) * 3, (1.,) * 3)[0]
     ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
     for b, (order, factors) in enumerate(settings):
@@ -307,24 +310,25 @@ def test_batched_jitter_matches_torchvision_tensor_ops():
 
 # ----------------------------------------------------------------------------- views
 
-def _args(nmb, size, min_scale, max_scale, solarize):
-    return SimpleNamespace(crops_nmb=nmb, crops_size=size, crops_min_scale=min_scale,
-                           crops_max_scale=max_scale, solarization_prob=solarize)
+def _crops(nmb, size, min_scale, max_scale, solarize):
+    return dict(crops_nmb=nmb, crops_size=size, crops_min_scale=min_scale,
+                crops_max_scale=max_scale, solarization_prob=solarize)
 
 
-@pytest.mark.parametrize('dataset, args', [
-    ('cifar10', _args([1], [32], [0.2], [1.0], [0.2])),
-    ('imagenet', _args([2, 1], [32, 16], [0.2, 0.05], [1.0, 0.2], [0.2, 0.0])),
-    ('demo', _args([1, 2], [24, 8], [0.3, 0.1], [1.0, 0.3], [0.0, 0.5]))])
-def test_views_follow_multicrop_transform(dataset, args):
+@pytest.mark.parametrize('dataset, crops', [
+    ('cifar10', _crops([1], [32], [0.2], [1.0], [0.2])),
+    ('imagenet', _crops([2, 1], [32, 16], [0.2, 0.05], [1.0, 0.2], [0.2, 0.0])),
+    ('demo', _crops([1, 2], [24, 8], [0.3, 0.1], [1.0, 0.3], [0.0, 0.5]))])
+def test_views_follow_multicrop_transform(dataset, crops):
     """Same count, order and sizes as MultiCropTransform; float32; a flat image of
     128 with colour ops off comes back as (128/255 - mean) / std."""
-    info = dataset_info(dataset)
-    specs = G.view_specs(args, info)
+    info = dataset_spec(dataset)
+    views_config = dataset_views(dataset, **crops)
+    specs = views_config.specs()
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        ref = MultiCropTransform(args, info)(_pil(IMG_61x47))
-    assert [s.strong for s in specs] == [False] + [True] * sum(args.crops_nmb)
+        ref = MultiCropTransform(views_config)(_pil(IMG_61x47))
+    assert [s.strong for s in specs] == [False] + [True] * sum(crops['crops_nmb'])
     assert all(s.blur_prob == info.blur_prob for s in specs[1:])
 
     gen = torch.Generator().manual_seed(3)
@@ -341,7 +345,7 @@ def test_views_follow_multicrop_transform(dataset, args):
 
 def test_mismatched_crop_lists_are_a_usage_error():
     with pytest.raises(UsageError):
-        G.view_specs(_args([1, 1], [32], [0.2], [1.0], [0.2]), dataset_info('cifar10'))
+        make_views(**_crops([1, 1], [32], [0.2], [1.0], [0.2]))
 
 
 def _batch(seed, specs):
@@ -351,8 +355,8 @@ def _batch(seed, specs):
     return images, torch.stack([G.draw_params(gen, i.shape[1], i.shape[2], specs) for i in images])
 
 
-SPECS = [G.ViewSpec(24, (0.2, 1.0), False, 0.0, 0.0), G.ViewSpec(24, (0.2, 1.0), True, 0.5, 0.5),
-         G.ViewSpec(12, (0.05, 0.3), True, 0.5, 0.5)]
+SPECS = [ViewSpec(24, (0.2, 1.0), False, 0.0, 0.0), ViewSpec(24, (0.2, 1.0), True, 0.5, 0.5),
+         ViewSpec(12, (0.05, 0.3), True, 0.5, 0.5)]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -398,15 +402,14 @@ def test_a_12000x9000_jpeg_through_the_backend_stays_within_cudas_resize_limits(
     within 0.5 (mean) / 1.0 (p99) of PIL's resize of the same box, in 0-255 units:
     measured 0.24 / 0.55, against 0.24 / 0.53 for one resize without the pool (PIL's
     rounding to uint8 is most of it)."""
-    from src.gpu_data import EncodedBatch, GpuViews, read_encoded
+    from src.data.encoded import EncodedBatch, GpuViews, read_encoded
     tile = natural_image(300, 400, 3)
     path = tmp_path / 'large.jpg'
     Image.fromarray(np.tile(tile, (30, 30, 1))).save(path, quality=90)   # 12,000 x 9,000
     data, plain, height, width = read_encoded(path)
     assert plain and (height, width) == (9000, 12000)
-    args = SimpleNamespace(crops_nmb=[1, 1], crops_size=[224, 96], crops_min_scale=[0.14, 0.05],
-                           crops_max_scale=[1.0, 0.14], solarization_prob=[0.0, 0.0],
-                           dataset='imagenet')
+    views_config = dataset_views('imagenet', **_crops([1, 1], [224, 96], [0.14, 0.05],
+                                                      [1.0, 0.14], [0.0, 0.0]))
     boxes = [(0, 0, 9000, 12000), (0, 0, 9000, 12000), (1000, 2000, 4800, 4800)]
     params = torch.stack([param_row(box) for box in boxes])[None]
     factors = []
@@ -417,7 +420,7 @@ def test_a_12000x9000_jpeg_through_the_backend_stays_within_cudas_resize_limits(
             factors.append((mode, max(x.shape[-2] / size[0], x.shape[-1] / size[1])))
         return interpolate(x, size=size, mode=mode, antialias=antialias, **kwargs)
     monkeypatch.setattr(G.F, 'interpolate', recorded)
-    make = GpuViews(args, torch.device('cpu'))
+    make = GpuViews(views_config, torch.device('cpu'))
     views = make(EncodedBatch([data], [True], params))
     monkeypatch.undo()
     assert len(factors) == 3

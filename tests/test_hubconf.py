@@ -9,10 +9,10 @@ import torch.nn as nn
 from torchvision.models.resnet import ResNet
 
 import hubconf
-from helpers_eval import REPO
+from helpers_eval import REPO, resnet
 from src.checkpoint import with_module_prefix
 from src.errors import UsageError
-from src.models import build_encoder, build_projector
+from src.models import build_projector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,8 +34,8 @@ def test_encoder_only_file_by_path(resnet18_file):
 
 def test_full_checkpoint_by_file_url_gives_its_momentum_encoder(tmp_path):
     torch.manual_seed(0)
-    online, _ = build_encoder("resnet18")
-    momentum, _ = build_encoder("resnet18")
+    online, _ = resnet("resnet18")
+    momentum, _ = resnet("resnet18")
     projector = build_projector(512, 2, 16, 8).state_dict()
     state = {**{f"encoder.{k}": v for k, v in online.state_dict().items()},
              **{f"projector.{k}": v for k, v in projector.items()},

@@ -5,10 +5,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
-import src.loader as loader_module
-from src.data import UnreadableImage, build_pretrain_dataset
-from src.loader import GlobalBatchSampler, SeededSamples, collate_samples, train_loader
-from test_data import make_args
+import src.data.loader as loader_module
+from src.data.datasets import pretrain_dataset
+from src.data.loader import GlobalBatchSampler, SeededSamples, collate_samples, train_loader
+from src.errors import UnreadableImage
+from test_data import dataset_views, make_data
 
 
 def sampler(size, batch, world_size=1, rank=0, drop_last=True, seed=3, monkeypatch=None):
@@ -108,7 +109,7 @@ def test_a_batch_without_any_readable_image(monkeypatch):
 def test_views_identical_with_0_and_2_workers(tmp_path):
     """The demo images through the real PIL pipeline: batches do not depend on the
     number of loader workers (nor on which worker made a sample)."""
-    from src.demo_data import make_image
+    from src.data.demo import make_image
     import numpy as np
     rng = np.random.default_rng(0)
     for label in range(2):
@@ -117,7 +118,8 @@ def test_views_identical_with_0_and_2_workers(tmp_path):
         for i in range(12):
             make_image(label, rng).save(folder / f"{i}.jpg")
     (tmp_path / "train" / "c0" / "broken.jpg").write_bytes(b"not a jpeg")
-    dataset = build_pretrain_dataset(make_args(dataset="imagenet", data_path=str(tmp_path)))
+    dataset = pretrain_dataset(make_data(dataset="imagenet", data_path=str(tmp_path)),
+                               dataset_views("imagenet"))
     batches = {}
     for workers in (0, 2):
         loader = train_loader(dataset, 5, workers, seed=1)
@@ -132,7 +134,7 @@ def test_views_identical_with_0_and_2_workers(tmp_path):
 
 
 def test_an_image_is_read_as_rgb_and_bad_files_name_their_path(tmp_path):
-    from src.data import read_rgb
+    from src.data.images import read_rgb
     Image.new("L", (4, 4)).save(tmp_path / "gray.png")
     assert read_rgb(tmp_path / "gray.png").mode == "RGB"
     good = tmp_path / "cut.jpg"

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 import main as main_script
-from args import build_parser, get_args
+from args import all_flags, build_parser, get_args, pretraining
+from src.errors import script_entry
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "resnet18", "--mlp_dim", "64", "--emb", "32", "--batch_size", "8",
@@ -97,8 +98,10 @@ def test_bad_data_and_dump_paths(demo_path, tmp_path, capsys):
     (["--crops_min_scale", "0.9", "--crops_max_scale", "0.5"], "crop scales"),
 ])
 def test_conflicting_flags_one_line(flags, expected, capsys):
+    argv = ["--dataset", "demo", *flags] if "--dataset" not in flags else flags
+    configs = script_entry(lambda: pretraining(get_args(argv)))  # main.py's first step
     with pytest.raises(SystemExit) as exit_info:
-        get_args(["--dataset", "demo", *flags] if "--dataset" not in flags else flags)
+        configs()
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0]
@@ -107,7 +110,7 @@ def test_conflicting_flags_one_line(flags, expected, capsys):
 def test_precision_defaults_per_script_and_dataset(monkeypatch):
     """The authors' choices: fp16 autocast for ImageNet-style pretraining on CUDA, fp32
     for the CIFAR recipe and for both evaluations (eval_linear has no autocast)."""
-    from src.optim import AmpOptimizer
+    from src.train.optim import AmpOptimizer
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     expected = {("main", "imagenet"): "fp16", ("main", "demo"): "fp16",
                 ("main", "cifar10"): "fp32", ("main", "cifar100"): "fp32",
@@ -147,13 +150,14 @@ def test_authors_flags_parse_unchanged():
 def test_help_documents_every_flag_own_flags_first(capsys):
     import eval_knn
     import eval_linear
-    from args import FLAGS, SCRIPTS
+    from flags import FLAGS, SCRIPTS
+    from method import METHODS
     result = subprocess.run([sys.executable, "main.py", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "pretraining" in result.stdout
     scripts = {"main": main_script.main, "eval_linear": eval_linear.main,
                "eval_knn": eval_knn.main}
-    assert set(scripts) == set(SCRIPTS) - {"clusters"}  # tools/clusters.py: its own test
+    assert set(scripts) == set(SCRIPTS) - {"clusters"}  # eval_clusters.py: its own test
     for script, entry in scripts.items():
         with pytest.raises(SystemExit) as exit_info:
             entry(["--help"])
@@ -161,7 +165,12 @@ def test_help_documents_every_flag_own_flags_first(capsys):
         text = capsys.readouterr().out
         options = text[text.index("options:"):]
         others = options.index(f"accepted for compatibility, not read by {script}.py")
-        for _, readers, names, kwargs in FLAGS:
+        for method in METHODS.values():  # one group per method, among main.py's own
+            title = options.find(f"\n{method.__name__} (--method ")
+            assert (-1 < title < others) == (script == "main"), (script, method)
+        for _, readers, names, kwargs in all_flags()[0]:
+            if not names:  # a method group without flags of its own
+                continue
             assert kwargs["help"], names
             place = re.search(rf"\n  {re.escape(names[0])}[ ,\n]", options).start()
             assert (place < others) == (script in readers), (script, names)
@@ -210,7 +219,8 @@ def readme_commands():
         if words[:1] == ["torchrun"] and index is not None:
             launcher = dict(w.split("=") for w in words[1:index] if "=" in w)
             processes = int(launcher["--nproc_per_node"]) * int(launcher.get("--nnodes", 1))
-            yield Path(words[index]).stem, words[index + 1:], processes
+            script = Path(words[index]).stem
+            yield {"eval_clusters": "clusters"}.get(script, script), words[index + 1:], processes
 
 
 def test_readme_quotes_the_authors_recipes():
@@ -220,7 +230,7 @@ def test_readme_quotes_the_authors_recipes():
     commands = list(readme_commands())
     assert len(commands) >= 10
     finetune = False
-    from tools.clusters import OWN_FLAGS
+    from eval_clusters import OWN_FLAGS
     for script, flags, nproc in commands:
         args = get_args(flags, script, OWN_FLAGS if script == "clusters" else ())  # parses
         if script == "main" and args.dataset == "imagenet":

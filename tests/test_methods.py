@@ -10,15 +10,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from helpers_eval import resnet
 from method.base import sinkhorn_knopp
 from method.byol import BYOL, byol_loss
 from method.resa import ReSA
 from method.simclr import SimCLR, nt_xent_loss
 from method.swav import SwAV, swav_loss
 from src.checkpoint import encoder_form
+from src.config import Heads
 from src.distributed import gather_with_grad, get_rank
-from src.models import build_encoder
 from test_distributed import free_port
+
+
+def paper_heads(method, **sizes):
+    """The heads of `method`'s paper (its RECIPE; ReSA's: config.Heads' defaults), with
+    the widths `sizes` (mlp_dim, emb) if given."""
+    return Heads(**{**method.RECIPE, **sizes})
 
 
 def unit(*shape, seed):
@@ -51,7 +58,7 @@ def test_byol_identical_views_through_identity_networks_give_zero():
     with torch.no_grad():
         encoder.weight.copy_(torch.eye(6))
         encoder.bias.zero_()
-    model = BYOL(encoder, 6, mlp_dim=8, emb=6)
+    model = BYOL(encoder, 6, paper_heads(BYOL, mlp_dim=8, emb=6))
     model.projector = model.predictor = model.momentum_projector = nn.Identity()
     x = torch.randn(4, 6)
     assert model([x, x, x]).item() == pytest.approx(0, abs=1e-6)
@@ -149,9 +156,10 @@ def test_gather_with_grad_is_the_identity_without_a_process_group():
 
 def tiny(method, **kwargs):
     torch.manual_seed(0)
-    encoder, feature_dim = build_encoder("resnet18")  # ImageNet stem: fast at 32 px
-    extra = {"prototypes": 8} if method is SwAV else {}
-    return method(encoder, feature_dim, mlp_dim=64, emb=32, **extra, **kwargs)
+    encoder, feature_dim = resnet("resnet18")  # ImageNet stem: fast at 32 px
+    extra = {"nmb_prototypes": 8} if method is SwAV else {}
+    return method(encoder, feature_dim, paper_heads(method, mlp_dim=64, emb=32), **extra,
+                  **kwargs)
 
 
 def tiny_views():
@@ -214,10 +222,10 @@ def test_swav_normalises_and_freezes_its_prototypes():
 
 
 def test_state_dict_layout_and_paper_heads():
-    encoder, feature_dim = build_encoder("resnet18")
+    encoder, feature_dim = resnet("resnet18")
     shapes = {}
     for method in (BYOL, SwAV, SimCLR):
-        model = method(encoder, feature_dim)
+        model = method(encoder, feature_dim, paper_heads(method))
         shapes[method] = ([name for name, _ in model.named_children()],
                           {k: tuple(v.shape) for k, v in model.state_dict().items()
                            if not k.startswith(("encoder.", "momentum_encoder."))})
@@ -287,11 +295,13 @@ def ddp_steps(rank):
     """Two DDP steps of SwAV with frozen prototypes and one of SimCLR: DDP (without
     find_unused_parameters) accepts both graphs. Returns the prototypes' gradient."""
     torch.manual_seed(rank)
-    swav = DistributedDataParallel(SwAV(nn.Flatten(), 12, prototypes=K, mlp_dim=16, emb=8))
+    swav = DistributedDataParallel(SwAV(nn.Flatten(), 12, paper_heads(SwAV, mlp_dim=16, emb=8),
+                                        nmb_prototypes=K))
     swav.module.freeze_prototypes = True
     for _ in range(2):
         swav([torch.randn(B, 3, 2, 2) for _ in range(2)]).backward()
-    simclr = DistributedDataParallel(SimCLR(nn.Flatten(), 12, mlp_dim=16, emb=8))
+    simclr = DistributedDataParallel(SimCLR(nn.Flatten(), 12,
+                                            paper_heads(SimCLR, mlp_dim=16, emb=8)))
     simclr([torch.randn(B, 3, 2, 2) for _ in range(2)]).backward()
     return swav.module.prototypes.weight.grad.abs().sum().item()
 

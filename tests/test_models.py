@@ -3,12 +3,14 @@ import pytest
 import torch
 import torchvision
 
+from helpers_eval import resnet
+from src.config import Encoder
 from src.models import build_encoder, build_predictor, build_projector
 
 
 @pytest.mark.parametrize("arch,dim", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)])
 def test_encoder_matches_torchvision_layout(arch, dim):
-    encoder, feature_dim = build_encoder(arch)
+    encoder, feature_dim = resnet(arch)
     assert feature_dim == dim
     reference = getattr(torchvision.models, arch)()
     reference.fc = torch.nn.Identity()
@@ -20,7 +22,7 @@ def test_encoder_matches_torchvision_layout(arch, dim):
 
 @pytest.mark.parametrize("arch,dim,width", [("resnet50x2", 4096, 128), ("resnet50x4", 8192, 256)])
 def test_widened_resnets_scale_every_channel(arch, dim, width):
-    encoder, feature_dim = build_encoder(arch, zero_init_residual=True)
+    encoder, feature_dim = build_encoder(Encoder(arch, zero_init_residual=True))
     assert feature_dim == dim
     assert encoder.conv1.out_channels == width
     assert encoder.layer4[-1].conv3.out_channels == dim
@@ -30,13 +32,13 @@ def test_widened_resnets_scale_every_channel(arch, dim, width):
 
 
 def test_resnet200_depth():
-    encoder, dim = build_encoder("resnet200")
+    encoder, dim = resnet("resnet200")
     assert dim == 2048 and [len(encoder.layer1), len(encoder.layer2), len(encoder.layer3),
                             len(encoder.layer4)] == [3, 24, 36, 3]
 
 
 def test_cifar_stem_has_no_stride_and_no_max_pool():
-    encoder, _ = build_encoder("resnet18", small_images=True)
+    encoder, _ = resnet("resnet18", stem="cifar")
     assert encoder.conv1.kernel_size == (3, 3) and encoder.conv1.stride == (1, 1)
     assert isinstance(encoder.maxpool, torch.nn.Identity)
     stem = torch.nn.Sequential(encoder.conv1, encoder.bn1, encoder.relu, encoder.maxpool)
@@ -56,13 +58,14 @@ def test_projector_and_predictor_shapes():
 
 
 def test_stem_follows_the_dataset_unless_asked():
-    from args import get_args
-    from method import get_method
+    from args import get_args, pretraining
+    from method import build_model
     for flags, kernel in ((["--dataset", "fashion_mnist"], (3, 3)),
                           (["--dataset", "fashion_mnist", "--stem", "imagenet"], (7, 7)),
                           (["--dataset", "demo"], (7, 7)),
                           (["--dataset", "demo", "--stem", "cifar"], (3, 3))):
-        model = get_method(get_args([*flags, "--mlp_dim", "16", "--emb", "8"]))
+        config = pretraining(get_args([*flags, "--mlp_dim", "16", "--emb", "8"]))
+        model = build_model(config.method, config.heads, config.encoder)
         assert model.encoder.conv1.kernel_size == kernel, flags
         assert model.momentum_encoder.conv1.kernel_size == kernel
 
@@ -73,7 +76,7 @@ def test_cifar_stem_pads_a_32px_image_to_34x34_maps_by_hand():
     conv1 weight 1 and an input of ones, an output pixel is 3 (channels) x the number
     of real pixels under its 3x3 window: 3 at a corner (1 pixel), 12 one step in
     (2x2), 9 and 18 on the edges (1x3, 2x3), 27 inside."""
-    encoder, dim = build_encoder("resnet18", small_images=True)
+    encoder, dim = resnet("resnet18", stem="cifar")
     seen = {}
     for name in ("conv1", "layer1", "layer2", "layer4"):
         getattr(encoder, name).register_forward_hook(
@@ -99,7 +102,7 @@ def test_cifar_stem_is_resa_cifars_pad_then_conv_and_adds_no_key():
     with padding 1 (zero padding composes); the pad has no parameter, so the state dict
     is torchvision's and a torchvision ResNet with the swapped stem loads it (README)."""
     torch.manual_seed(0)
-    encoder, _ = build_encoder("resnet18", small_images=True)
+    encoder, _ = resnet("resnet18", stem="cifar")
     encoder = encoder.double().eval()
     authors_stem = torch.nn.Sequential(torch.nn.ConstantPad2d(1, 0.0),
                                        torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)).double()

@@ -1,20 +1,21 @@
 """Online monitor (SPEC §7): Euclidean 5-NN, weighted k-NN and the linear classifier;
 the silhouette and k-means ARI of H and Z (SPEC §9)."""
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import args as cli
 from args import get_args
-from helpers_eval import TensorImages, fast_flags
-from src import knn, monitor
+from helpers_eval import TensorImages, fast_flags, resnet
+from src import config
+from src.data.datasets import eval_datasets
 from src.distributed import init_distributed
-from src.clustering import kmeans_agreement, seeded_subset, silhouette
-from src.models import build_encoder, build_projector
-from src.knn import euclid_knn_predict, knn_classifier
-from src.monitor import OnlineMonitor, linear_probe_predict
+from src.eval import knn, monitor
+from src.eval.clustering import kmeans_agreement, seeded_subset, silhouette
+from src.eval.knn import euclid_knn_predict, knn_classifier
+from src.eval.monitor import OnlineMonitor, linear_probe_predict
+from src.models import build_projector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,10 +76,13 @@ def test_linear_probe_learns_deterministically_without_touching_global_rng():
     assert torch.equal(permuted, (test_y + 1) % 3)
 
 
-def monitor_args(**overrides):
-    values = dict(device=torch.device("cpu"), batch_size=16, workers=0, num_classes=3,
-                  nb_knn=[5, 10, 25], knn_temperature=0.07, seed=0)
-    return SimpleNamespace(**{**values, **overrides})
+def small_monitor(classifier_epochs=500, **overrides):
+    """An OnlineMonitor on CPU, batch 16, 3 classes, config.Monitor fields `overrides`
+    (its datasets are stubbed by the tests: the crop size is not used)."""
+    values = dict(num_classes=3, nb_knn=(5, 10, 25), knn_temperature=0.07)
+    return OnlineMonitor(config.Data(batch_size=16, workers=0),
+                         config.Monitor(**{**values, **overrides}), 2, torch.device("cpu"),
+                         classifier_epochs=classifier_epochs)
 
 
 PROBES = ("knn5_euclid_top1", "wknn25_top1", "linear_top1")
@@ -92,8 +96,8 @@ def blob_monitor(monkeypatch, test_shift=0):
     test = TensorImages(test_x.view(-1, 3, 2, 2), (test_y + test_shift) % 3, 3)
     kinds = []
     monkeypatch.setattr(monitor, "eval_datasets",
-                        lambda args, *kind: kinds.append(kind) or (train, test))
-    return OnlineMonitor(monitor_args(), classifier_epochs=300), test_x, test, kinds
+                        lambda data, crop, num_classes, *kind: kinds.append(kind) or (train, test))
+    return small_monitor(classifier_epochs=300), test_x, test, kinds
 
 
 def test_evaluate_returns_the_three_probes_of_the_encoder(monkeypatch):
@@ -135,7 +139,7 @@ def test_clustering_scores_of_h_and_z_on_the_test_features(monkeypatch):
 def test_clustering_scores_use_a_fixed_seeded_subset(monkeypatch):
     probe, test_x, test, _ = blob_monitor(monkeypatch)
     monkeypatch.setattr(monitor, "CLUSTER_SAMPLES", 12)
-    subset = seeded_subset(len(test), 12, seed=0)  # monitor_args: seed 0
+    subset = seeded_subset(len(test), 12, seed=0)  # evaluate's default seed
     labels = torch.tensor(test.targets)[subset]
     first, second = probe.evaluate(nn.Flatten()), probe.evaluate(nn.Flatten())
     assert first == second
@@ -147,19 +151,21 @@ def test_clustering_scores_use_a_fixed_seeded_subset(monkeypatch):
 
 @pytest.mark.parametrize("nb_knn, k", [([5, 15, 25], 15), ([20], 20), ([100, 10], 10)])
 def test_weighted_knn_uses_20_or_the_nearest_k(nb_knn, k, monkeypatch):
-    monkeypatch.setattr(monitor, "eval_datasets", lambda args, *kinds: (None, None))
-    assert OnlineMonitor(monitor_args(nb_knn=nb_knn)).wknn_k == k
+    monkeypatch.setattr(monitor, "eval_datasets", lambda *args: (None, None))
+    assert small_monitor(nb_knn=tuple(nb_knn)).wknn_k == k
 
 
 def test_monitor_on_an_image_folder_is_deterministic(image_folder, tmp_path):
-    args = get_args(fast_flags(image_folder, tmp_path, "--seed", 0))
-    init_distributed(args)
-    probe = OnlineMonitor(args, classifier_epochs=10)
+    configs = cli.pretraining(get_args(fast_flags(image_folder, tmp_path, "--seed", 0)))
+    processes = init_distributed(configs.run)
+    probe = OnlineMonitor(configs.data, configs.monitor, configs.views.crops_size[0],
+                          processes.device, classifier_epochs=10)
     assert len(probe.train) == len(probe.test) == 12
     torch.manual_seed(0)
-    encoder, _ = build_encoder(args.arch)
+    encoder, _ = resnet(configs.encoder.arch)
     encoder.train()
-    first, second = probe.evaluate(encoder), probe.evaluate(encoder)
+    seed = configs.run.seed
+    first, second = probe.evaluate(encoder, seed=seed), probe.evaluate(encoder, seed=seed)
     assert first == second and encoder.training
     assert set(first) == {"knn5_euclid_top1", "wknn20_top1", "linear_top1", "sc_encoding",
                           "ari_encoding"}
@@ -174,11 +180,12 @@ def test_monitor_normalises_cifar100_with_cifar10_statistics(tmp_path, monkeypat
     scripts keep the statistics the network was pretrained with."""
     from torchvision.datasets import cifar
     from helpers_eval import make_fake_cifar100
-    from src.eval_data import eval_datasets
     monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
     train_pixels, test_pixels = make_fake_cifar100(tmp_path)
-    args = get_args(["--dataset", "cifar100", "--data_path", str(tmp_path), "--workers", "0"])
-    probe = OnlineMonitor(args)
+    configs = cli.pretraining(get_args(["--dataset", "cifar100", "--data_path", str(tmp_path),
+                                        "--workers", "0"]))
+    crop, num_classes = configs.views.crops_size[0], configs.monitor.num_classes
+    probe = OnlineMonitor(configs.data, configs.monitor, crop, torch.device("cpu"))
 
     def normalised(pixels, mean, std):
         image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255
@@ -188,6 +195,6 @@ def test_monitor_normalises_cifar100_with_cifar10_statistics(tmp_path, monkeypat
         image, label = dataset[3]
         assert label == 3
         torch.testing.assert_close(image, normalised(pixels[3], *cifar10))
-    train, _ = eval_datasets(args, "plain")
+    train, _ = eval_datasets(configs.data, crop, num_classes, "plain")
     torch.testing.assert_close(train[3][0], normalised(
         train_pixels[3], (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)))

@@ -24,15 +24,16 @@ from torchvision.datasets import ImageFolder
 from torchvision.models.resnet import ResNet
 
 import main as main_script
-from args import get_args
+from args import get_args, pretraining
 from crash_run import arm, send
 from helpers_eval import fast_flags
 from helpers_run import ONE, REPO, TINY, digest, launch, one_line, run_main, wait_for
-from src.data import pretrain_images, read_rgb
-from src.demo_data import MARKER, generate_demo_dataset, make_image
+from src.data.datasets import pretrain_images
+from src.data.demo import MARKER, generate_demo_dataset, make_image
+from src.data.encoded import read_encoded
+from src.data.images import read_rgb
 from src.errors import script_entry
-from src.gpu_data import read_encoded
-from src.runtime import lock_dump_path
+from src.train.startup import lock_dump_path
 
 GONE_WITHIN_S = 20  # after the failure: generous for a loaded 2-core machine
 
@@ -272,7 +273,7 @@ def test_diverged_weights_are_never_checkpointed(short_run, demo_path, tmp_path,
     dump = copy_of(short_run, tmp_path)
     good = digest(dump / "checkpoint.pth.tar")
     monkeypatch.setattr(main_script, "lr_schedule",
-                        lambda args, lr, n: np.full(args.epochs * n, np.nan))
+                        lambda optim, lr, n: np.full(optim.epochs * n, np.nan))
     assert run_main(dump, demo_path, *SHORT, "--checkpoint_iters", "1") == 1
     assert digest(dump / "checkpoint.pth.tar") == good
     log = (dump / "out.log").read_text()
@@ -343,7 +344,7 @@ def test_a_second_ctrl_c_during_the_checkpoint_write_still_stops_with_it(demo_pa
     assert "stopping on a signal at epoch 1, iteration 2" in output
 
 
-@pytest.mark.parametrize("script", ["main.py", "eval_knn.py", "tools/clusters.py"])
+@pytest.mark.parametrize("script", ["main.py", "eval_knn.py", "eval_clusters.py"])
 def test_ctrl_c_anywhere_is_one_line_exit_130_and_no_process_left(script, demo_path,
                                                                   image_folder,
                                                                   resnet18_file, tmp_path):
@@ -425,10 +426,11 @@ def test_a_symlink_loop_in_a_class_folder_lists_each_image_once(tmp_path, log_li
     (root / "train" / "c1" / "nested").mkdir()
     make_image(1, np.random.default_rng(1), size=16).save(root / "train" / "c1" / "nested"
                                                           / "n.JPEG")
-    args = get_args(["--dataset", "imagenet", "--data_path", str(root), "--size_dataset", "-1"])
+    data = pretraining(get_args(["--dataset", "imagenet", "--data_path", str(root),
+                                 "--size_dataset", "-1"])).data
     expected = ImageFolder(str(root / "train")).samples  # torchvision's order, no loop yet
     os.symlink(".", root / "train" / "c0" / "loop")
-    listed = pretrain_images(args).samples
+    listed = pretrain_images(data).samples
     assert listed == expected and len(listed) == 10
     assert "a symbolic link loop" in " ".join(log_lines)
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from args import get_args
-from method import get_method
+from args import get_args, pretraining
+from method import build_model
 from method.base import sinkhorn_knopp
 from method.resa import resa_loss
 
@@ -91,9 +91,15 @@ def tiny_args(*extra):
                      "--emb", "16", *extra])
 
 
+def method_of(args):
+    """main.py's method for the flags `args`."""
+    config = pretraining(args)
+    return build_model(config.method, config.heads, config.encoder)
+
+
 def test_ema_update_happens_first_with_current_coefficient():
     torch.manual_seed(3)
-    model = get_method(tiny_args())
+    model = method_of(tiny_args())
     online = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     before = {k: v.clone() for k, v in model.momentum_encoder.state_dict().items()}
     for p in model.momentum_encoder.parameters():
@@ -113,8 +119,8 @@ def test_momentum_forward_uses_updated_weights():
     """With m = 0 the EMA makes the momentum net an exact copy of the online net *before*
     its forward, so the loss equals the loss of a model whose copies were never touched."""
     torch.manual_seed(4)
-    model = get_method(tiny_args("--no_pred"))
-    reference = get_method(tiny_args("--no_pred"))
+    model = method_of(tiny_args("--no_pred"))
+    reference = method_of(tiny_args("--no_pred"))
     reference.load_state_dict(model.state_dict())
     with torch.no_grad():
         for p in model.momentum_parameters():
@@ -127,13 +133,13 @@ def test_momentum_forward_uses_updated_weights():
 def test_cifar_recipe_has_the_authors_cifar_keys_and_no_predictor():
     """resa_cifar's method has no predictor: its state_dict is encoder, projector,
     momentum_encoder, momentum_projector (SPEC §7); --pred turns one on."""
-    model = get_method(tiny_args())
+    model = method_of(tiny_args())
     assert model.predictor is None
     assert [name for name, _ in model.named_children()] == [
         "encoder", "projector", "momentum_encoder", "momentum_projector"]
     assert {k.split(".")[0] for k in model.state_dict()} == {
         "encoder", "projector", "momentum_encoder", "momentum_projector"}
-    assert get_method(tiny_args("--pred")).predictor is not None
+    assert method_of(tiny_args("--pred")).predictor is not None
     assert get_args(["--dataset", "cifar100"]).pred is False
     assert get_args(["--dataset", "demo"]).pred is True
     assert get_args(["--dataset", "imagenet", "--no_pred"]).pred is False
@@ -141,7 +147,7 @@ def test_cifar_recipe_has_the_authors_cifar_keys_and_no_predictor():
 
 def test_state_dict_layout_matches_released_checkpoints():
     args = get_args(["--dataset", "imagenet", "--data_path", "unused"])  # resnet50 defaults
-    model = get_method(args)
+    model = method_of(args)
     assert [name for name, _ in model.named_children()] == [
         "encoder", "projector", "predictor", "momentum_encoder", "momentum_projector"]
     tv = {k for k in torchvision.models.resnet50().state_dict() if not k.startswith("fc.")}
@@ -159,7 +165,7 @@ def test_state_dict_layout_matches_released_checkpoints():
 
 
 def test_momentum_copies_get_no_gradients():
-    model = get_method(tiny_args("--pred"))
+    model = method_of(tiny_args("--pred"))
     assert all(not p.requires_grad for p in model.momentum_parameters())
     loss = model([torch.randn(4, 3, 32, 32) for _ in range(2)])
     loss.backward()
@@ -223,7 +229,7 @@ def test_cifar10_step_equals_resa_cifars_network(one_thread):
     args = get_args(["--dataset", "cifar10", "--mlp_dim", "64", "--emb", "32"])
     assert (args.arch, args.pred, args.stem) == ("resnet18", False, "cifar")
     torch.manual_seed(0)
-    model = get_method(args).double()
+    model = method_of(args).double()
     model.momentum = 0.9
     encoder, projector = ResaCifarEncoder(), resa_cifar_projector(64, 32)
     momentum_encoder, momentum_projector = ResaCifarEncoder(), resa_cifar_projector(64, 32)

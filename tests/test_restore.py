@@ -3,14 +3,14 @@
 foreach or per-tensor loop), each continuing without error and, where the maths is
 the same, with the same numbers."""
 import copy
-import types
 
 import pytest
 import torch
 
 from src.checkpoint import with_module_prefix
-from src.optim import AmpOptimizer
-from src.resume import RunCheckpoint
+from src.distributed import Processes
+from src.train.optim import AmpOptimizer
+from src.train.resume import RunCheckpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
@@ -19,8 +19,7 @@ KERNELS = {"fused": dict(fused=True), "foreach": dict(foreach=True),
 
 
 def restore(checkpoint, model, amp, tmp_path):
-    args = types.SimpleNamespace(device=CPU)
-    run = RunCheckpoint(str(tmp_path / "checkpoint.pth.tar"), args)
+    run = RunCheckpoint(str(tmp_path / "checkpoint.pth.tar"), {}, Processes(device=CPU))
     # a copy: the optimizer would update the checkpoint's tensors in place
     run.restore({**copy.deepcopy(checkpoint), "source": "the checkpoint"}, model, amp)
 

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 import main as main_script
-from args import get_args
-from method import get_method
+from args import get_args, pretraining
 from method.resa import resa_loss
 from src.models import input_format, speed_up
-from src.optim import AmpOptimizer, build_optimizer
+from src.train.optim import AmpOptimizer, build_optimizer
+from test_resa import method_of
 from tools import benchmark
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,7 +23,7 @@ TINY = ["--dataset", "demo", "--arch", "resnet18", "--mlp_dim", "64", "--emb", "
 def loss_and_grads(channels_last):
     args = get_args(TINY)
     torch.manual_seed(0)
-    model = speed_up(get_method(args), channels_last)
+    model = speed_up(method_of(args), channels_last)
     fmt = input_format(channels_last)
     torch.manual_seed(1)
     views = [torch.randn(8, 3, 32, 32).contiguous(memory_format=fmt) for _ in range(2)]
@@ -51,9 +51,11 @@ def test_fused_sgd_steps_equal_the_per_tensor_steps():
     results = []
     for fused in (False, True):
         args = get_args([*TINY, "--fused", str(fused)])
+        config = pretraining(args)
         torch.manual_seed(0)
-        model = get_method(args)
-        amp = AmpOptimizer(build_optimizer(model, 0.1, args), torch.device("cpu"))
+        model = method_of(args)
+        amp = AmpOptimizer(build_optimizer(model, config.optim, 0.1, config.run.fused),
+                           torch.device("cpu"))
         assert bool(amp.optimizer.param_groups[0]["fused"]) == fused
         torch.manual_seed(1)
         for _ in range(2):
@@ -67,10 +69,11 @@ def test_fused_adamw_steps_equal_the_per_tensor_steps():
     noise in a zero gradient into a full-size step of either sign)."""
     results = []
     for fused in (False, True):
-        args = get_args([*TINY, "--optimizer", "adamw", "--fused", str(fused)])
+        config = pretraining(get_args([*TINY, "--optimizer", "adamw", "--fused", str(fused)]))
         torch.manual_seed(0)
         model = torch.nn.Linear(16, 4)
-        amp = AmpOptimizer(build_optimizer(model, 0.01, args), torch.device("cpu"))
+        amp = AmpOptimizer(build_optimizer(model, config.optim, 0.01, config.run.fused),
+                           torch.device("cpu"))
         x, y = torch.randn(32, 16), torch.randn(32, 4)
         for _ in range(5):
             amp.step(((model(x) - y) ** 2).mean())
@@ -135,7 +138,8 @@ def test_benchmark_rows_compare_like_with_like():
     """The authors' row steps their per-tensor SGD (on CUDA torch would pick its
     multi-tensor loop by itself), as does every row over it but the fused ones and the
     foreach row, which is that loop."""
-    bench = argparse.Namespace(arch="resnet18", dataset="demo", crop=32, views=2)
+    bench = argparse.Namespace(arch="resnet18", dataset="demo", crop=32, views=2, batch_size=2,
+                               workers=0)
     kernels = {"authors": (None, False), "foreach": (None, True), "fused": (True, False),
                "channels_last": (None, False), "bf16": (None, False), "ours": (True, False)}
     for name, kernel in kernels.items():

@@ -7,11 +7,12 @@ import signal
 import pytest
 import torch
 
-from src.errors import NonFiniteLoss, UsageError
-from src.loader import train_loader
-from src.optim import AmpOptimizer
-from src.preemption import Preempted, StopSignals
-from src.train_loop import DataHealth, TrainLoop
+from src.config import Loop
+from src.data.loader import train_loader
+from src.errors import NonFiniteLoss, Preempted, UsageError
+from src.train.loop import DataHealth, TrainLoop
+from src.train.optim import AmpOptimizer
+from src.train.preemption import StopSignals
 
 
 @pytest.mark.filterwarnings("ignore:torch.cuda.amp.GradScaler is enabled")
@@ -34,13 +35,12 @@ def values_loader(values, batch_size=1, seed=0):
     return train_loader([torch.tensor(float(v)) for v in values], batch_size, 0, seed)
 
 
-def make_loop(loader, weight, forward=None, lr=0.5, saves=None, **kwargs):
+def make_loop(loader, weight, forward=None, lr=0.5, saves=None, epochs=1, **kwargs):
     amp = AmpOptimizer(torch.optim.SGD([weight], lr=lr), torch.device("cpu"))
     forward = forward or (lambda batch: (weight * batch).sum())
-    return TrainLoop(loader, forward, amp, epochs=kwargs.pop("epochs", 1),
-                     device=torch.device("cpu"),
+    return TrainLoop(loader, forward, amp, Loop(epochs=epochs, checkpoint_minutes=0),
                      save=lambda position: saves.append(position) if saves is not None else None,
-                     checkpoint_minutes=0, **kwargs)
+                     **kwargs)
 
 
 def test_non_finite_loss_stops_before_the_update():
@@ -83,9 +83,8 @@ def test_a_restored_position_continues_the_same_steps():
             saves.append({**copy.deepcopy(position), "weight": weight.item(),
                           "optimizer": copy.deepcopy(amp.optimizer.state_dict())})
 
-        loop = TrainLoop(values_loader(range(16), batch_size=2), forward, amp, epochs=1,
-                         device=torch.device("cpu"), save=save, checkpoint_minutes=0,
-                         checkpoint_iters=3)
+        loop = TrainLoop(values_loader(range(16), batch_size=2), forward, amp,
+                         Loop(epochs=1, checkpoint_minutes=0, checkpoint_iters=3), save=save)
         if checkpoint:
             weight.data.fill_(checkpoint["weight"])
             amp.optimizer.load_state_dict(checkpoint["optimizer"])

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from args import get_args
+from args import get_args, run_config
 from helpers_eval import STAND_INS, assert_ok, make_fake_cifar100, run_script
 from src import logger
 from src.logger import WANDB_RUN, ScalarWriter, setup_logging
@@ -28,8 +28,9 @@ def stand_in(tmp_path, monkeypatch):
     return record
 
 
-def writer_args(dump, *flags):
-    return get_args(["--dataset", "demo", "--dump_path", str(dump), *flags])
+def writer_run(dump, *flags):
+    """The config.Run of main.py with `flags` (its scalars go to `dump`/tb)."""
+    return run_config(get_args(["--dataset", "demo", "--dump_path", str(dump), *flags]))
 
 
 def test_flags_and_defaults_follow_resa_cifar():
@@ -49,8 +50,8 @@ def test_flags_and_defaults_follow_resa_cifar():
 
 def test_the_same_scalars_go_to_wandb_and_a_resume_continues_its_run(stand_in, tmp_path):
     setup_logging(str(tmp_path), 0)
-    args = writer_args(tmp_path, "--wandb_project", "proj", "--env_name", "run1")
-    writer = ScalarWriter(str(tmp_path / "tb"), True, purge_step=0, args=args)
+    run = writer_run(tmp_path, "--wandb_project", "proj", "--env_name", "run1")
+    writer = ScalarWriter(run, True, purge_step=0)
     writer.add(0, "train/", loss=1.5, lr=0.1)
     writer.add(1, "epoch/", loss=1.25, train_minutes=0.5)
     writer.close()
@@ -65,21 +66,19 @@ def test_the_same_scalars_go_to_wandb_and_a_resume_continues_its_run(stand_in, t
         (1, {"epoch/loss": 1.25, "epoch/train_minutes": 0.5})]
     assert len(calls(stand_in, "finish")) == 1
 
-    ScalarWriter(str(tmp_path / "tb"), True, purge_step=7, args=args).close()  # resumed
+    ScalarWriter(run, True, purge_step=7).close()  # resumed
     assert calls(stand_in, "init")[-1]["kwargs"]["id"] == run_id
-    ScalarWriter(str(tmp_path / "tb"), True, purge_step=0, args=args).close()  # afresh
+    ScalarWriter(run, True, purge_step=0).close()  # afresh
     assert calls(stand_in, "init")[-1]["kwargs"]["id"] != run_id
-    ScalarWriter(str(tmp_path / "tb"), False, purge_step=7, args=args).close()  # rank 1
-    ScalarWriter(str(tmp_path / "tb"), True, purge_step=7,
-                 args=writer_args(tmp_path)).close()  # not asked for
+    ScalarWriter(run, False, purge_step=7).close()  # rank 1
+    ScalarWriter(writer_run(tmp_path), True, purge_step=7).close()  # not asked for
     assert len(calls(stand_in, "init")) == 3
 
 
 def test_without_wandb_one_info_line_and_tensorboard_alone(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
     setup_logging(str(tmp_path), 0)
-    writer = ScalarWriter(str(tmp_path / "tb"), True, purge_step=0,
-                          args=writer_args(tmp_path, "--wandb_project", "proj"))
+    writer = ScalarWriter(writer_run(tmp_path, "--wandb_project", "proj"), True, purge_step=0)
     writer.add(0, "train/", loss=1.0)
     writer.close()
     for handler in logger.get_logger().handlers:
@@ -97,8 +96,7 @@ def test_a_wandb_that_does_not_start_leaves_tensorboard(stand_in, tmp_path, monk
         raise ConnectionError("no network")
     monkeypatch.setattr(wandb, "init", offline)
     setup_logging(str(tmp_path), 0)
-    writer = ScalarWriter(str(tmp_path / "tb"), True, purge_step=0,
-                          args=writer_args(tmp_path, "--wandb_project", "proj"))
+    writer = ScalarWriter(writer_run(tmp_path, "--wandb_project", "proj"), True, purge_step=0)
     writer.add(0, "train/", loss=1.0)
     writer.close()
     assert writer.wandb is None and "did not start (ConnectionError" in (

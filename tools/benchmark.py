@@ -28,20 +28,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from args import get_args  # noqa: E402
-from method import get_method  # noqa: E402
-from src.data import build_pretrain_dataset, dataset_info  # noqa: E402
-from src.demo_data import make_image  # noqa: E402
-from src.gpu_data import GpuViews, build_encoded_dataset, collate_encoded  # noqa: E402
-from src.loader import train_loader  # noqa: E402
+import args  # noqa: E402
+from method import build_model  # noqa: E402
+from src.data.datasets import dataset_spec  # noqa: E402
+from src.data.demo import write_jpegs  # noqa: E402
+from src.data.pipeline import PretrainingData  # noqa: E402
 from src.models import input_format, speed_up  # noqa: E402
-from src.optim import AmpOptimizer, build_optimizer  # noqa: E402
-from src.train_loop import reduce_step  # noqa: E402
+from src.train.loop import reduce_step  # noqa: E402
+from src.train.optim import AmpOptimizer, build_optimizer  # noqa: E402
 
 # name: flags over the authors' configuration (main.py's flags, so every one is a user option)
 CONFIGS = {
@@ -60,22 +58,27 @@ OFF = ["--channels_last", "False", "--fused", "False"]  # the authors' defaults 
 MULTI_TENSOR = {"foreach"}  # the other rows step per tensor (or fused), as the authors' SGD
 
 
-def bench_args(bench, flags):
-    """main.py's arguments of one configuration."""
-    args = get_args(["--arch", bench.arch, "--dataset", bench.dataset, *OFF, *flags,
-                     "--crops_size", str(bench.crop), "--crops_nmb", str(bench.views - 1)])
-    if "--compile" in flags:
-        args.compile = bench.compile_backend
-    return args
+def bench_config(bench, flags, data_path=None):
+    """main.py's configs (src/config.Pretraining) of one configuration; with
+    `data_path`, an ImageFolder there feeds it."""
+    flags = [part for flag in flags
+             for part in ([flag, bench.compile_backend] if flag == "--compile" else [flag])]
+    data = ["--dataset", "imagenet", "--data_path", str(data_path)] if data_path else []
+    return args.pretraining(args.get_args(
+        ["--arch", bench.arch, "--dataset", bench.dataset, *OFF, *flags, *data,
+         "--crops_size", str(bench.crop), "--crops_nmb", str(bench.views - 1),
+         "--batch_size", str(bench.batch_size), "--workers", str(bench.workers)]))
 
 
 def build(bench, name, device):
-    """(model, AmpOptimizer, args) of configuration `name`, from the same seeded init."""
-    args = bench_args(bench, CONFIGS[name])
+    """(model, AmpOptimizer, configs) of configuration `name`, from the same seeded init."""
+    config = bench_config(bench, CONFIGS[name])
     torch.manual_seed(0)
-    model = speed_up(get_method(args).to(device).train(), args.channels_last, args.compile)
-    optimizer = build_optimizer(model, 0.1, args, foreach=name in MULTI_TENSOR)
-    return model, AmpOptimizer(optimizer, device, args.precision), args
+    model = build_model(config.method, config.heads, config.encoder).to(device).train()
+    speed_up(model, config.run.channels_last, config.run.compile)
+    optimizer = build_optimizer(model, config.optim, 0.1, config.run.fused,
+                                foreach=name in MULTI_TENSOR)
+    return model, AmpOptimizer(optimizer, device, config.run.precision), config
 
 
 def step(model, amp, views, device):
@@ -85,32 +88,30 @@ def step(model, amp, views, device):
     amp.step(loss)
 
 
-def synthetic_batches(bench, args, device):
+def synthetic_batches(bench, config, device):
     """The same device-resident views at every step."""
     views = [torch.randn(bench.batch_size, 3, bench.crop, bench.crop, device=device)
-             .contiguous(memory_format=input_format(args.channels_last))
+             .contiguous(memory_format=input_format(config.run.channels_last))
              for _ in range(bench.views)]
     while True:
         yield views
 
 
-def loader_batches(bench, args, device, data_path, backend="pil", workers=None):
-    """Views from a real pretraining pipeline over the JPEGs in `data_path`: PIL in the
-    workers, or the GPU backend (workers read bytes; decode and views on `device`)."""
-    args.data_path, args.dataset = str(data_path), "imagenet"
-    gpu = backend == "gpu"
-    dataset = build_encoded_dataset(args) if gpu else build_pretrain_dataset(args)
-    loader = train_loader(dataset, bench.batch_size, bench.workers if workers is None
-                          else workers, seed=0,
-                          collate=collate_encoded if gpu else torch.utils.data.default_collate)
-    fmt = input_format(args.channels_last)
-    make = GpuViews(args, device, fmt) if gpu else None
+def loader_batches(bench, flags, device, data_path, backend="pil", workers=None):
+    """Views from main.py's pretraining pipeline over the JPEGs in `data_path`, with
+    `--data_backend backend`: PIL in the workers, or the GPU backend (workers read
+    bytes; decode and views on `device`)."""
+    workers = bench.workers if workers is None else workers
+    config = bench_config(bench, [*flags, "--data_backend", backend, "--workers", str(workers)],
+                          data_path)
+    images = PretrainingData(config.data, config.views)
+    loader = images.loader(seed=0)
+    views = images.to_device(device, input_format(config.run.channels_last))
     epoch = 0
     while True:
         loader.batch_sampler.set_epoch(epoch)
         for batch in loader:
-            yield make(batch.data) if gpu else [
-                x.to(device, non_blocking=True, memory_format=fmt) for x in batch.data]
+            yield views(batch.data)
         epoch += 1
 
 
@@ -130,7 +131,7 @@ def timed(device, work, steps, warmup):
 
 def pipeline(bench, device, data_path, backend, workers):
     """Samples/s of a data pipeline alone (views made, no training step)."""
-    batches = loader_batches(bench, bench_args(bench, []), device, data_path, backend, workers)
+    batches = loader_batches(bench, [], device, data_path, backend, workers)
     seconds = timed(device, lambda: next(batches), bench.pipeline_steps, 1)
     return {"config": f"{backend} pipeline, {workers} workers", "input": "pipeline",
             "samples_per_s": bench.batch_size / seconds, "ms_per_step": 1000 * seconds,
@@ -148,9 +149,9 @@ def release(device):
 def measure(bench, name, device, data_path=None, backend="pil"):
     """Samples/s, ms per step and peak device memory of configuration `name`."""
     release(device)
-    model, amp, args = build(bench, name, device)
-    batches = (loader_batches(bench, args, device, data_path, backend) if data_path
-               else synthetic_batches(bench, args, device))
+    model, amp, config = build(bench, name, device)
+    batches = (loader_batches(bench, CONFIGS[name], device, data_path, backend) if data_path
+               else synthetic_batches(bench, config, device))
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -159,17 +160,16 @@ def measure(bench, name, device, data_path=None, backend="pil"):
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     source = {"pil": "loader", "gpu": "gpu loader"}[backend] if data_path else "synthetic"
     return {"config": name, "input": source, "samples_per_s": bench.batch_size / seconds,
-            "ms_per_step": 1000 * seconds, "peak_memory_gib": peak}
+            "ms_per_step": 1000 * seconds, "peak_memory_gib": peak,
+            "optimizer": optimizer_kernel(amp.optimizer)}
 
 
-def write_jpegs(folder, count, size):
-    """A small ImageFolder of `count` generated JPEGs (the demo's shapes) of size x size."""
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        path = Path(folder) / "train" / f"c{i % 10}" / f"{i}.JPEG"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        make_image(i % 10, rng, size=size).save(path, quality=90)
-    return Path(folder)
+def optimizer_kernel(optimizer):
+    """How the optimizer steps: 'fused', 'foreach', 'per-tensor' or torch's choice."""
+    group = optimizer.param_groups[0]
+    if group.get("fused"):
+        return "fused"
+    return {True: "foreach", False: "per-tensor"}.get(group.get("foreach"), "torch's choice")
 
 
 TABLE_HEAD = ["| configuration | input | samples/s | vs authors | ms/step | peak memory |",
@@ -210,7 +210,7 @@ class Report:
             temporary.replace(self.path)
 
 
-def main():
+def parse():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet50", help="encoder (as main.py --arch)")
@@ -248,7 +248,12 @@ def main():
     parser.add_argument("--workers", type=int, default=8, help="loader workers for --loader")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     bench = parser.parse_args()
-    bench.crop = bench.crop or dataset_info(bench.dataset).crop_size
+    bench.crop = bench.crop or dataset_spec(bench.dataset).crop_size
+    return bench
+
+
+def main():
+    bench = parse()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
 
@@ -261,8 +266,9 @@ def main():
         report.add(measure(bench, name, device))
     if bench.loader is not None or bench.gpu_loader is not None or bench.pipeline:
         with tempfile.TemporaryDirectory() as tmp:
-            data = Path(bench.data_path) if bench.data_path else write_jpegs(
-                tmp, bench.loader_images, bench.image_size)
+            data = Path(bench.data_path or tmp)
+            if not bench.data_path:
+                write_jpegs(data / "train", bench.loader_images, bench.image_size)
             if bench.pipeline:
                 for backend, workers in (("pil", 0), ("pil", bench.workers),
                                          ("gpu", bench.workers)):

@@ -10,18 +10,19 @@
    encoder after epoch 1, every --eval_every epochs and after the last.
 3. The curve: the monitor's scores against `epoch/train_minutes` (training time,
    evaluations excluded), read from OUT/pretrain/tb, drawn in OUT/curve.png.
-4. The clustering of the encoding H and the embedding Z: tools/clusters.py on the final
+4. The clustering of the encoding H and the embedding Z: eval_clusters.py on the final
    checkpoint and on the random initialisation.
 5. The table, printed and written to OUT/results.json.
 
 Every step prints the command it stands for (python main.py ..., python
-tools/clusters.py ...) and runs it in this process. Run again with the same --out:
+eval_clusters.py ...) and runs it in this process. Run again with the same --out:
 a finished pretraining, the random baseline and the clustering results already there
 are reused, and an interrupted pretraining continues from its checkpoint.
 """
 import argparse
 import json
 import os
+import runpy
 import shlex
 import sys
 import time
@@ -36,15 +37,14 @@ sys.path.insert(0, str(REPO))
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-import main as pretraining  # noqa: E402
-from args import get_args  # noqa: E402
-from method import get_method  # noqa: E402
+import args  # noqa: E402
+from method import build_model  # noqa: E402
 from src.checkpoint import load_file, save_atomic, with_module_prefix  # noqa: E402
 from src.distributed import init_distributed  # noqa: E402
-from src.models import pretraining_encoder  # noqa: E402
-from src.monitor import OnlineMonitor  # noqa: E402
+from src.eval.monitor import OnlineMonitor  # noqa: E402
 from src.seeding import seed_everything  # noqa: E402
-from tools import clusters  # noqa: E402
+
+CHECKPOINT, CLUSTERING = "checkpoint.pth.tar", "clustering.json"  # what the scripts write
 
 KNN, LINEAR = "wknn20_top1", "linear_top1"  # the two figures of the curve
 FEATURES = ("encoding", "embedding")  # H and Z
@@ -65,28 +65,45 @@ def recipe_flags(opts):
     return [str(f) for f in flags], [str(f) for f in pretrain]
 
 
-def show(script, argv):
+def run_script(script, argv):
+    """`python script argv`, printed, run in this process (runpy: the script is called,
+    not imported); a failure ends the tool with the script's exit code."""
     print(f"\n$ python {script} {shlex.join(argv)}", flush=True)
+    saved = sys.argv
+    sys.argv = [str(REPO / script), *argv]
+    try:
+        runpy.run_path(str(REPO / script), run_name="__main__")
+    except SystemExit as stop:
+        if stop.code:
+            raise
+    finally:
+        sys.argv = saved
 
 
 def random_baseline(argv, folder):
     """Monitor scores of the initialisation main.py starts from with `argv`: seeded as
     main.py seeds (start_run), then built as main.py builds it; main.py's monitor
-    evaluates the momentum encoder and projector, at this point copies of the online
-    ones. Saves the whole model as a checkpoint that tools/clusters.py reads."""
+    evaluates the method's evaluated encoder and projector (ReSA's momentum copies,
+    at this point equal to the online ones). Saves the whole model, with its flags, as
+    a checkpoint that eval_clusters.py reads."""
     results = folder / "monitor.json"
     if results.is_file():
         print(f"\nrandom baseline: reusing {results}")
         return json.loads(results.read_text())
     print("\nrandom baseline: the model `python main.py` builds from these flags, before its "
-          "first step, measured by its monitor (src/monitor.py)", flush=True)
-    args = init_distributed(get_args(argv))
-    seed_everything(args.seed)
-    model = get_method(args, *pretraining_encoder(args.arch, args.dataset, args.stem))
-    model.to(args.device)
+          "first step, measured by its monitor (src/eval/monitor.py)", flush=True)
+    flags = args.get_args(argv)
+    config = args.pretraining(flags)
+    device = init_distributed(config.run).device
+    seed_everything(config.run.seed)
+    model = build_model(config.method, config.heads, config.encoder).to(device)
     folder.mkdir(parents=True, exist_ok=True)
-    save_atomic({"state_dict": with_module_prefix(model.state_dict())}, folder / "init.pth.tar")
-    scores = OnlineMonitor(args).evaluate(model.momentum_encoder, model.momentum_projector)
+    save_atomic({"state_dict": with_module_prefix(model.state_dict()),
+                 "args": args.recorded_flags(flags),
+                 "evaluated_encoder": model.evaluated_prefix()}, folder / "init.pth.tar")
+    monitor = OnlineMonitor(config.data, config.monitor, config.views.crops_size[0], device)
+    scores = monitor.evaluate(model.evaluated_encoder(), model.evaluated_projector(),
+                              config.run.seed)
     results.write_text(json.dumps(scores, indent=2))
     return scores
 
@@ -126,14 +143,13 @@ def draw_curve(path, curve, random, title):
 
 
 def clustering(common, checkpoint, folder, opts):
-    """tools/clusters.py on `checkpoint`: {feature: scores} of H and Z."""
-    results = folder / clusters.RESULTS
+    """eval_clusters.py on `checkpoint`: {feature: scores} of H and Z."""
+    results = folder / CLUSTERING
     if not results.is_file():
         argv = [*common, "--pretrained", str(checkpoint), "--dump_path", str(folder),
                 "--features", *FEATURES, "--max_samples", str(opts.cluster_samples),
                 "--bank_samples", str(opts.bank_samples), "--tsne_samples", str(opts.tsne_samples)]
-        show("tools/clusters.py", argv)
-        clusters.main(argv)
+        run_script("eval_clusters.py", argv)
     found = json.loads(results.read_text())
     return {name: found[name] for name in FEATURES}
 
@@ -189,11 +205,11 @@ def parse(argv=None):
                      help="monitor (one curve point, about 3 CPU minutes) after epoch 1, every "
                      "N epochs and after the last")
     run.add_argument("--cluster_samples", type=int, default=10000,
-                     help="test images on which tools/clusters.py measures H and Z")
+                     help="test images on which eval_clusters.py measures H and Z")
     run.add_argument("--bank_samples", type=int, default=60000,
-                     help="training images of tools/clusters.py's k-NN bank")
+                     help="training images of eval_clusters.py's k-NN bank")
     run.add_argument("--tsne_samples", type=int, default=2000,
-                     help="points of tools/clusters.py's t-SNE pictures; 0 = none")
+                     help="points of eval_clusters.py's t-SNE pictures; 0 = none")
     run.add_argument("--workers", type=int, default=1, help="data-loading workers")
     return p.parse_args(argv)
 
@@ -206,12 +222,11 @@ def main(argv=None):
     main_argv = [*common, *pretrain, "--dump_path", str(out / "pretrain")]
 
     random = random_baseline(main_argv, out / "random")
-    checkpoint = out / "pretrain" / pretraining.CHECKPOINT
+    checkpoint = out / "pretrain" / CHECKPOINT
     if checkpoint.is_file() and load_file(checkpoint)["epoch"] >= opts.epochs:
         print(f"\npretraining: reusing the finished run in {checkpoint.parent}")
     else:  # a new run, or the continuation of an interrupted one
-        show("main.py", main_argv)
-        pretraining.main(main_argv)
+        run_script("main.py", main_argv)
     images = 60000 if opts.size_dataset < 0 else min(opts.size_dataset, 60000)
     steps_per_epoch = images // opts.batch_size  # main.py drops the last partial batch
     curve = read_curve(out / "pretrain" / "tb", steps_per_epoch)

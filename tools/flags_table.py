@@ -1,4 +1,4 @@
-"""Print the README's table of flags from the one parser in args.py.
+"""Print the README's table of flags from the one parser (args.py, flags.py).
 
     python tools/flags_table.py > /tmp/flags.md
 """
@@ -8,14 +8,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from args import FLAGS, SCRIPTS  # noqa: E402
+from args import all_flags  # noqa: E402
+from flags import SCRIPTS  # noqa: E402
 
 SHORT = {"main": "main", "eval_linear": "linear", "eval_knn": "knn", "clusters": "clusters"}
 
 
 def rows():
     title = None
-    for group, readers, names, kwargs in FLAGS:
+    for group, readers, names, kwargs in all_flags()[0]:
+        if not names:  # a group's place alone
+            continue
         if group != title:
             title = group
             yield f"| **{group}** | | | |"

@@ -12,7 +12,7 @@
 # version first; it stops at once, in one line, if CUDA or a module is missing.
 # Each command runs under `timeout -s TERM -k 30` (torchrun hands the TERM to its ranks,
 # which write a checkpoint and exit); the steps of an entry point share a 285 s budget,
-# and a step that would start past it is reported as skipped. The logic: tools/gpu_check.py.
+# and a step that would start past it is reported as skipped. The logic: tools/gpu_check/.
 #
 # smoke, estimated seconds on one H200 (ResNet-18 at 96 px, batch 32, 320 JPEGs); after
 # the data, two steps run at a time (each as soon as what it needs is done), so the
@@ -49,4 +49,4 @@
 # [n]: the defect of issue 16 that the step checks on CUDA.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-exec "${PYTHON:-python3}" tools/gpu_check.py "$@"
+exec "${PYTHON:-python3}" -m tools.gpu_check "$@"

@@ -61,7 +61,7 @@ def main():
         rows.append((name, knn["20"]["top1"], knn["5"]["top1"], linear["last_acc"]))
 
     clusters = out / "clusters"
-    run([sys.executable, "tools/clusters.py", *demo,
+    run([sys.executable, "eval_clusters.py", *demo,
          "--pretrained", pretrain / "checkpoint.pth.tar", "--random_baseline",
          "--features", "encoding", "embedding", "--batch_size", 250,
          "--tsne_samples", args.tsne_samples, "--dump_path", clusters])

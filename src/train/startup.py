@@ -7,13 +7,13 @@ import socket
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
-from src.checkpoint import plain_args
 from src.distributed import broadcast_int, is_main_process, main_process_first
 from src.errors import UsageError, hold_until_exit
 from src.logger import get_logger, setup_logging
-from src.resume import RunCheckpoint
 from src.seeding import run_seed, seed_everything
+from src.train.resume import RunCheckpoint
 
 LOCK_FILE = ".lock"
 
@@ -64,28 +64,44 @@ def lock_dump_path(path):
     hold_until_exit(lock)  # closing the file releases the lock
 
 
-def start_run(args, checkpoint_name=None, required=()):
+@dataclass
+class Started:
+    """What `start_run` found: the log, the run's seed, its checkpoint file (None for
+    the scripts that do not resume) and the checkpoint to resume from (None: a new run)."""
+    log: object
+    seed: int
+    checkpoint_file: RunCheckpoint = None
+    resumed: dict = None
+
+
+def start_run(run, processes, rules=None, workers=0):
     """Create --dump_path (and lock it if the script resumes), start the log (rank 0:
-    out.log and stdout), find the run's checkpoint `checkpoint_name` (if the script
-    resumes), seed, and record the command line and every argument in the log. Returns
-    (logger, RunCheckpoint or None, the checkpoint to resume from or None).
+    out.log and stdout), find the run's checkpoint (when the script resumes, as
+    train.resume.ResumeRules `rules` say), seed, and record the command line and every
+    flag in the log. `run` is a config.Run, `processes` a distributed.Processes.
 
     An unseeded run draws its seed once (rank 0's, shared) and keeps it in its
-    checkpoints, so that it, too, resumes exactly.
+    checkpoints, so that it, too, resumes exactly; a resumed one adopts it.
     """
-    prepare_dump_path(args.dump_path, lock=checkpoint_name is not None)
-    log = setup_logging(args.dump_path, args.rank)
+    prepare_dump_path(run.dump_path, lock=rules is not None)
+    log = setup_logging(run.dump_path, processes.rank)
     log.info("command: " + shlex.join(sys.argv))
-    run = checkpoint = None
-    if checkpoint_name:
-        run = RunCheckpoint(os.path.join(args.dump_path, checkpoint_name), args)
-        checkpoint = run.load(required)
-    args.seed = broadcast_int(run_seed(args.seed), args.device)
-    seed_everything(args.seed)
-    log.info(f"{args.world_size} process(es) on {args.device}, {args.precision}; "
-             f"arguments: {plain_args(args)}")
+    started = Started(log, run.seed)
+    if rules:
+        started.checkpoint_file = RunCheckpoint(os.path.join(run.dump_path, rules.name),
+                                                run.flags, processes)
+        started.resumed = started.checkpoint_file.load(rules)
+        saved_seed = (started.resumed or {}).get("args", {}).get("seed")
+        if run.seed is None and saved_seed is not None:
+            started.seed = saved_seed
+    started.seed = broadcast_int(run_seed(started.seed), processes.device)
+    if started.checkpoint_file:  # the checkpoints record the seed the run drew or adopted
+        started.checkpoint_file.flags = {**run.flags, "seed": started.seed}
+    seed_everything(started.seed)
+    log.info(f"{processes.world_size} process(es) on {processes.device}, {run.precision}; "
+             f"arguments: {dict(run.flags, seed=started.seed)}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if args.workers > cores:
-        log.warning(f"--workers {args.workers} exceeds the {cores} CPU cores this process may "
+    if workers > cores:
+        log.warning(f"--workers {workers} exceeds the {cores} CPU cores this process may "
                     f"use: data loading may be slow")
-    return log, run, checkpoint
+    return started

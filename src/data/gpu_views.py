@@ -1,6 +1,6 @@
 """ReSA's pretraining views (SPEC §1) as batched tensor operations.
 
-`MultiCropTransform` (src/data.py) makes the views with PIL, one image at a time, on
+`MultiCropTransform` (src/data/transforms.py) makes the views with PIL, one image at a time, on
 CPU workers. This module splits the same law in two:
 
 * `draw_params` (CPU, per image, cheap enough for a DataLoader worker) draws every
@@ -14,18 +14,16 @@ CPU workers. This module splits the same law in two:
   device), so on a GPU it only queues kernels.
 
 The law is torchvision's, op by op (RandomResizedCrop.get_params, ColorJitter with a
-random op order, RandomGrayscale, the PIL GaussianBlur of src/data.py, RandomSolarize,
+random op order, RandomGrayscale, the PIL GaussianBlur of src/data/transforms.py, RandomSolarize,
 RandomHorizontalFlip). The pixels differ from PIL's only by rounding: PIL works in
 uint8 at every step and approximates the Gaussian with box blurs; this module works in
 float32 throughout.
 """
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from src.errors import UsageError
 
 # ------------------------------------------------------------------ params layout
 # One float64 row per view. Flags are 0.0 / 1.0; the crop box is in pixels of the
@@ -61,33 +59,6 @@ _U_TOP, _U_LEFT, _U_FLIP, _U_JITTER = 20, 21, 22, 23
 _U_FACTORS, _U_ORDER = slice(24, 28), slice(28, 32)
 _U_GRAY, _U_BLUR, _U_SIGMA, _U_SOLARIZE = 32, 33, 34, 35
 _N_UNIFORMS = 36
-
-
-@dataclass(frozen=True)
-class ViewSpec:
-    """What one view needs: output size, crop scale range, weak (False) or strong,
-    and the blur / solarize probabilities of a strong view (0 for the weak one)."""
-    size: int
-    scale: tuple
-    strong: bool
-    blur_prob: float
-    solarize_prob: float
-
-
-def view_specs(args, info):
-    """The `ViewSpec`s of `MultiCropTransform(args, info)`, in its order: the weak
-    view, then `crops_nmb[i]` strong views of each group i."""
-    lists = (args.crops_nmb, args.crops_size, args.crops_min_scale,
-             args.crops_max_scale, args.solarization_prob)
-    if len({len(x) for x in lists}) != 1 or not args.crops_nmb:
-        raise UsageError('--crops_nmb, --crops_size, --crops_min_scale, --crops_max_scale '
-                         'and --solarization_prob need the same number of values')
-    scales = [(float(lo), float(hi)) for lo, hi in zip(args.crops_min_scale, args.crops_max_scale)]
-    specs = [ViewSpec(int(args.crops_size[0]), scales[0], False, 0.0, 0.0)]
-    for i, count in enumerate(args.crops_nmb):
-        specs += [ViewSpec(int(args.crops_size[i]), scales[i], True, float(info.blur_prob),
-                           float(args.solarization_prob[i]))] * count
-    return specs
 
 
 # ------------------------------------------------------------------ drawing (CPU)

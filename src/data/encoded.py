@@ -1,7 +1,7 @@
 """The GPU data backend (`--data_backend gpu`): loader workers only read each image's
 bytes and draw its view parameters; the training process decodes the whole batch on
 its device (nvjpeg through torchvision) and makes the views there as batched tensor
-operations (src/gpu_views.py), with the same laws as the PIL pipeline.
+operations (src/data/gpu_views.py), with the same laws as the PIL pipeline.
 
 The parameters are drawn from torch's global generator inside `SeededSamples`, which
 seeds it from (seed, epoch, index): the exact-resume rule holds for this backend too.
@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from src.data import UnreadableImage, as_rgb, dataset_info, pretrain_images
-from src.errors import UsageError
-from src.gpu_views import draw_params, make_views, view_specs
+from src.data.gpu_views import draw_params, make_views
+from src.data.images import READ_ERRORS, as_rgb
+from src.errors import UnreadableImage, UsageError
 from src.logger import get_logger
 
 # data: the JPEG's bytes (uint8, 1-D) when `jpeg`, else the decoded uint8 (3, H, W)
@@ -53,15 +53,16 @@ def read_encoded(path):
             plain = device_decodable(img, raw)
             data = (torch.frombuffer(bytearray(raw), dtype=torch.uint8) if plain
                     else rgb_tensor(as_rgb(img)))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except READ_ERRORS as err:
         raise UnreadableImage(f"cannot read image {path} ({type(err).__name__}: {err})",
                               str(path)) from None
     return data, plain, height, width
 
 
 class EncodedImages(torch.utils.data.Dataset):
-    """Pretraining items for the GPU backend: EncodedImage(data, jpeg, params), the
-    params (V, N_PARAMS) of the views drawn from torch's global generator."""
+    """Pretraining items for the GPU backend: EncodedImage(data, jpeg, params) of the
+    (image, label) items `images`, the params (V, N_PARAMS) of the views of `specs`
+    (config.ViewSpec) drawn from torch's global generator."""
 
     def __init__(self, images, specs):
         self.images, self.specs = images, specs
@@ -77,11 +78,6 @@ class EncodedImages(torch.utils.data.Dataset):
             data, jpeg = rgb_tensor(self.images[index][0]), False
             height, width = data.shape[1:]
         return EncodedImage(data, jpeg, draw_params(None, height, width, self.specs))
-
-
-def build_encoded_dataset(args):
-    """The training set of `args` for `--data_backend gpu`."""
-    return EncodedImages(pretrain_images(args), view_specs(args, dataset_info(args.dataset)))
 
 
 def collate_encoded(items):
@@ -178,12 +174,12 @@ def replace_unreadable(images, params):
 
 
 class GpuViews:
-    """EncodedBatch -> the V view batches on `device` (decode, then the views outside
-    autocast, so the augmentation's arithmetic is fp32 whatever --precision says)."""
+    """EncodedBatch -> the V view batches of config.Views `views` on `device` (decode,
+    then the views outside autocast, so the augmentation's arithmetic is fp32 whatever
+    --precision says)."""
 
-    def __init__(self, args, device, memory_format=torch.contiguous_format):
-        info = dataset_info(args.dataset)
-        self.specs, self.mean, self.std = view_specs(args, info), info.mean, info.std
+    def __init__(self, views, device, memory_format=torch.contiguous_format):
+        self.specs, self.mean, self.std = views.specs(), views.mean, views.std
         self.device, self.memory_format = device, memory_format
         self.fallbacks = DecodeFallbacks()
 

@@ -1,19 +1,19 @@
 """Optimizers and the mixed-precision step that drives them (SPEC §4)."""
 import torch
 
-PRECISIONS = ("fp16", "bf16", "fp32")
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
 
 
-def build_optimizer(model, lr, args, foreach=None):
-    """SGD (momentum 0.9) or AdamW, weight decay on all parameters; lr set per step;
-    `args.fused`: one fused kernel per step instead of one per tensor. Without it torch
-    picks its loop (`foreach` None: multi-tensor on CUDA, per-tensor on CPU)."""
+def build_optimizer(model, optim, lr, fused=False, foreach=None):
+    """SGD (momentum 0.9) or AdamW as config.Optim `optim` says, weight decay on all
+    parameters, at the (batch-scaled) `lr`, which the schedule sets per step. `fused`:
+    one fused kernel per step instead of one per tensor; without it torch picks its
+    loop (`foreach` None: multi-tensor on CUDA, per-tensor on CPU)."""
     params = model.parameters()  # as the authors: the optimizer state matches their files
-    kernel = dict(fused=args.fused or None, foreach=foreach)
-    if args.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=args.wd, **kernel)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=args.wd, **kernel)
+    kernel = dict(fused=fused or None, foreach=foreach)
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=optim.wd, **kernel)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=optim.wd, **kernel)
 
 
 KERNEL_FLAGS = ("fused", "foreach")  # which of torch's kernels steps: this run's choice
@@ -37,7 +37,7 @@ class AmpOptimizer:
     (CUDA), bf16 = bfloat16 autocast without scaling, fp32 = no autocast."""
 
     def __init__(self, optimizer, device, precision="fp32"):
-        self.optimizer = optimizer
+        self.optimizer, self.device = optimizer, device
         self.device_type = device.type
         self.dtype = AUTOCAST_DTYPES[precision]
         self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")

@@ -15,11 +15,6 @@ import subprocess
 from src.logger import get_logger
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint is on disk; run the same command again
-
-
-class Preempted(Exception):
-    """Raised on every process once the checkpoint after a stop signal is written."""
 
 
 class StopSignals:

@@ -5,7 +5,7 @@ un-augmented train and test images classify, with three cheap probes that need n
 extra training run: Euclidean 5-NN (the authors' CIFAR protocol), DINO's weighted
 k-NN, and a linear classifier trained on the features held in memory. The images are
 normalised as resa_cifar's monitor normalises them: with CIFAR-10's statistics on
-CIFAR-10 and CIFAR-100 alike (`DatasetInfo.monitor_norm`). With the
+CIFAR-10 and CIFAR-100 alike (`DatasetSpec.monitor_norm`). With the
 momentum projector it also follows the paper's clustering properties (SPEC §9) of the
 encoding H and the embedding Z: the silhouette and the k-means ARI, on a fixed
 subset of the test features small enough to cost little against an epoch.
@@ -14,12 +14,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from src.clustering import (kmeans_agreement, nearest_k, projector_features,
+from src.eval.clustering import (kmeans_agreement, nearest_k, projector_features,
                             seeded_subset, silhouette)
-from src.engine import extract_features
-from src.eval_data import eval_datasets
-from src.knn import euclid_knn_predict, knn_classifier
-from src.metrics import percent
+from src.data.datasets import eval_datasets
+from src.eval.features import Extraction, extract_features
+from src.eval.knn import euclid_knn_predict, knn_classifier
+from src.eval.metrics import percent
 
 CLUSTER_SAMPLES = 2000  # test features on which the silhouette and k-means are computed
 LINEAR_BATCH = 1000
@@ -58,7 +58,8 @@ def linear_probe_predict(train_x, train_y, test_x, num_classes, epochs, seed,
 
 
 class OnlineMonitor:
-    """Probes of the momentum encoder on the un-augmented train and test sets.
+    """Probes of the evaluated encoder on the un-augmented train and test sets of
+    config.Data `data` at `crop` pixels, as config.Monitor `config` says.
 
     The datasets are built once. Under torchrun, construct it and call `evaluate` on
     every process (both take part in collectives); each process shards the feature
@@ -67,50 +68,57 @@ class OnlineMonitor:
     authors' protocol).
     """
 
-    def __init__(self, args, classifier_epochs=500):
-        self.args = args
+    def __init__(self, data, config, crop, device, classifier_epochs=500):
+        self.config, self.device = config, device
         self.classifier_epochs = classifier_epochs
-        self.train, self.test = eval_datasets(args, "monitor", "monitor")
-        self.wknn_k = nearest_k(args.nb_knn)
+        self.train, self.test = eval_datasets(data, crop, config.num_classes, "monitor",
+                                              "monitor")
+        self.how = Extraction(data.batch_size, data.workers)
+        self.wknn_k = nearest_k(config.nb_knn)
+
+    def due(self, epoch, epochs):
+        """Whether the monitor runs after epoch `epoch` of `epochs`: after the first,
+        every --eval_every and after the last."""
+        every = self.config.eval_every
+        return every > 0 and (epoch == 1 or epoch % every == 0 or epoch == epochs)
 
     def features(self, encoder, dataset, name, check_stop=None):
-        args = self.args
-        return extract_features(encoder, dataset, args.batch_size, args.workers, args.device,
+        return extract_features(encoder, dataset, self.how, self.device,
                                 desc=f"monitor {name} features", check_stop=check_stop)
 
-    def evaluate(self, encoder, projector=None, check_stop=None):
+    def evaluate(self, encoder, projector=None, seed=0, check_stop=None):
         """{'knn5_euclid_top1', 'wknn{k}_top1', 'linear_top1'}: top-1 in percent of
         `encoder` (the momentum encoder) on the test set; then 'sc_encoding' and
         'ari_encoding' (silhouette mean and k-means ARI of H), and with `projector`
         (the momentum projector) 'sc_embedding' and 'ari_embedding' of Z.
-        `check_stop` (a collective on every process, e.g. TrainLoop.stop_if_requested)
+        `seed` seeds the linear classifier and the clustering subset. `check_stop` (a
+        collective on every process, e.g. TrainLoop.stop_if_requested)
         runs between the feature batches and the linear classifier's epochs, so that a
         stop signal does not wait for the whole evaluation."""
-        args = self.args
+        config = self.config
         train_x, train_y = self.features(encoder, self.train, "train", check_stop)
         test_x, test_y = self.features(encoder, self.test, "test", check_stop)
         total = test_y.shape[0]
-        knn5 = euclid_knn_predict(train_x, train_y, test_x, args.num_classes, k=5)
+        knn5 = euclid_knn_predict(train_x, train_y, test_x, config.num_classes, k=5)
         wknn_top1, _ = knn_classifier(F.normalize(train_x, dim=1), train_y,
                                       F.normalize(test_x, dim=1), test_y, self.wknn_k,
-                                      T=args.knn_temperature, num_classes=args.num_classes)
-        linear = linear_probe_predict(train_x, train_y, test_x, args.num_classes,
-                                      self.classifier_epochs, args.seed or 0, check_stop)
+                                      T=config.knn_temperature, num_classes=config.num_classes)
+        linear = linear_probe_predict(train_x, train_y, test_x, config.num_classes,
+                                      self.classifier_epochs, seed, check_stop)
         return {"knn5_euclid_top1": percent((knn5 == test_y).sum(), total),
                 f"wknn{self.wknn_k}_top1": wknn_top1,
                 "linear_top1": percent((linear == test_y).sum(), total),
-                **self.cluster_scores(test_x, test_y, projector)}
+                **self.cluster_scores(test_x, test_y, projector, seed)}
 
-    def cluster_scores(self, test_x, test_y, projector):
+    def cluster_scores(self, test_x, test_y, projector, seed=0):
         """Silhouette and ARI of the L2-normalised H (and Z) of a fixed seeded subset
         of the raw test features `test_x`; Z is the projector run over them."""
-        seed = self.args.seed or 0
         subset = seeded_subset(len(test_y), CLUSTER_SAMPLES, seed).to(test_x.device)
         encodings, labels = test_x[subset], test_y[subset]
         features = {"encoding": F.normalize(encodings, dim=1)}
         if projector is not None:
             features["embedding"] = projector_features(projector, encodings,
-                                                       self.args.batch_size)["embedding"]
+                                                       self.how.batch_size)["embedding"]
         scores = {}
         for name, x in features.items():
             scores[f"sc_{name}"] = silhouette(x, labels)[0]

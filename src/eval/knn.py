@@ -3,10 +3,12 @@ online monitor: DINO's weighted cosine k-NN (SPEC §6) and the authors' Euclidea
 majority-vote 5-NN (SPEC §7). Similarities are computed chunk by chunk, so memory
 stays bounded whatever the bank size; a bank can also be sharded over processes, each
 holding 1/W of it, with the same neighbours as one process holding it all."""
+from collections import namedtuple
+
 import torch
 
 from src.distributed import gather, get_world_size
-from src.metrics import percent
+from src.eval.metrics import percent
 
 MAX_SIMILARITIES = 2 ** 27  # entries of one test-chunk x bank similarity block (512 MB)
 MAX_DISTANCES = 2 ** 25     # the same for the Euclidean vote's distance blocks
@@ -81,12 +83,12 @@ def merge_shards(sims, labels, index, k):
         sims = torch.cat([sims, sims.new_full((len(sims), missing), -float("inf"))], 1)
         pad = index.new_full((len(index), missing), torch.iinfo(torch.long).max)
         index, labels = torch.cat([index, pad], 1), torch.cat([labels, pad], 1)
-    sims, labels, index = (side_by_side(t) for t in (sims, labels, index))
+    sims, labels, index = (columns_of_every_process(t) for t in (sims, labels, index))
     order = similarity_order(sims, index, k)
     return sims.gather(1, order), labels.gather(1, order), index.gather(1, order)
 
 
-def side_by_side(tensor):
+def columns_of_every_process(tensor):
     """The (rows x c) tensors of every process as one (rows x W·c), rank by rank."""
     world_size = get_world_size()
     rows, columns = tensor.shape
@@ -110,20 +112,24 @@ def knn_correct(similarities, neighbor_labels, test_labels, T, num_classes):
     return torch.stack([hits[:, 0].sum(), hits[:, :min(5, k)].sum()]).double()
 
 
+class Bank(namedtuple("Bank", "features labels index size", defaults=(None, None))):
+    """A bank of L2-normalised training features and their labels; with `index` and
+    `size`, this process's shard (rows `index`, ascending) of a bank of `size` rows."""
+
+
 def knn_classifier(train_features, train_labels, test_features, test_labels, k, T=0.07,
                    num_classes=1000):
     """DINO's weighted k-NN on L2-normalised rows; returns (top-1, top-5) in percent."""
-    return knn_eval(train_features, train_labels, test_features, test_labels, [k], T,
+    return knn_eval(Bank(train_features, train_labels), test_features, test_labels, [k], T,
                     num_classes)[k]
 
 
-def knn_eval(train_features, train_labels, test_features, test_labels, ks, T, num_classes,
-             train_index=None, bank_size=None):
+def knn_eval(bank, test_features, test_labels, ks, T, num_classes):
     """{k: (top-1, top-5) in percent} for every k in `ks`, the neighbours searched once
-    for the largest. With `train_index` the bank is this process's shard (see
-    `nearest_neighbors`); every process then gets the whole bank's results."""
-    sims, labels, _ = nearest_neighbors(train_features, train_labels, test_features, max(ks),
-                                        train_index, bank_size)
+    for the largest among the Bank `bank`. A sharded bank is searched on every process
+    (see `nearest_neighbors`); every process then gets the whole bank's results."""
+    sims, labels, _ = nearest_neighbors(bank.features, bank.labels, test_features, max(ks),
+                                        bank.index, bank.size)
     total = test_labels.shape[0]
     results = {}
     for k in ks:

@@ -147,3 +147,13 @@ def ensure_demo_dataset(root):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_jpegs(root, count, size, seed=0, first=0):
+    """`count` JPEGs of the demo's images (`size` pixels, numbered from `first`) in 10
+    ImageNet-like class folders under `root`: data for benchmarks and checks."""
+    rng = np.random.default_rng(seed)
+    for i in range(first, first + count):
+        path = Path(root) / f'n0100000{i % 10}' / f'{i}.JPEG'
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make_image(i % 10, rng, size=size).save(path, quality=90)

@@ -13,12 +13,11 @@ import time
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from src.data import dataset_record
+from src.data.images import dataset_record
 from src.distributed import all_gather_objects, all_reduce_sum, get_world_size, is_main_process
-from src.engine import progress
-from src.errors import NonFiniteLoss, UsageError
-from src.logger import get_logger
-from src.preemption import Preempted, StopSignals, requeue_slurm_job
+from src.errors import NonFiniteLoss, Preempted, UsageError
+from src.logger import get_logger, progress
+from src.train.preemption import StopSignals, requeue_slurm_job
 
 # the entries of the per-step all-reduce
 LOSS, STOP, REQUEUE, SAVE_DUE, BAD, READS = range(6)
@@ -72,19 +71,19 @@ class DataHealth:
 
 class TrainLoop:
     """Runs epochs of `loader` from a position (epoch, iteration) that a checkpoint can
-    restore. `forward(data) -> loss`; `before_step(iteration) -> scalars to log` sets the
-    schedules (iterations count from the start of the run); `save(position)` writes a
-    checkpoint of the model at `position()` (a collective, on every process).
-    `signals`: the script's StopSignals, installed when it started (default: none)."""
+    restore, with the cadence of config.Loop `config`, stepping the AmpOptimizer `amp`
+    (on its device). `forward(data) -> loss`;
+    `before_step(iteration) -> scalars to log` sets the schedules (iterations count from
+    the start of the run); `save(position)` writes a checkpoint of the model at
+    `position()` (a collective, on every process); `signals`: the script's StopSignals,
+    installed when it started (default: none)."""
 
-    def __init__(self, loader, forward, amp, *, epochs, device, save, before_step=None,
-                 writer=None, checkpoint_minutes=30, checkpoint_iters=0, log_every=50,
-                 signals=None):
+    def __init__(self, loader, forward, amp, config, save, before_step=None, signals=None):
         self.loader, self.forward, self.amp, self.save_to = loader, forward, amp, save
-        self.epochs, self.device, self.writer = epochs, device, writer
+        self.epochs, self.device, self.writer = config.epochs, amp.device, None
         self.before_step = before_step or (lambda iteration: {})
-        self.checkpoint_seconds = 60 * checkpoint_minutes
-        self.checkpoint_iters, self.log_every = checkpoint_iters, log_every
+        self.checkpoint_seconds = 60 * config.checkpoint_minutes
+        self.checkpoint_iters, self.log_every = config.checkpoint_iters, config.log_every
         self.epoch = self.iteration = 0  # the next step is `iteration` of `epoch`
         self.loss_sum = 0.0  # of this epoch's steps so far
         self.seconds = 0.0  # spent in training epochs since the run began, resumes included

@@ -70,3 +70,14 @@ def select_subset(dataset, names):
     dataset.imgs = kept
     dataset.targets = [target for _, target in kept]
     return dataset
+
+
+def low_shot(train, percent, train_files=None):
+    """The training set `train` restricted to the ImageNet `percent`% subset (1 or 10;
+    100 keeps it whole), from `train_files` or the shipped list."""
+    if percent == 100:
+        return train
+    if not hasattr(train, "samples"):
+        raise UsageError(f"--train_percent {percent} needs an ImageFolder training set "
+                         f"(--dataset imagenet)")
+    return select_subset(train, subset_names(percent, train_files))

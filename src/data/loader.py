@@ -14,9 +14,8 @@ from collections import namedtuple
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from src.data import UnreadableImage
 from src.distributed import get_rank, get_world_size
-from src.errors import UsageError
+from src.errors import UnreadableImage, UsageError
 from src.seeding import sample_generator, sample_seed
 
 MAX_SUBSTITUTES = 20  # unreadable samples in a row before a batch gives up
@@ -73,7 +72,7 @@ class SeededSamples(Dataset):
     """Items keyed by (epoch, index): the dataset's item `index`, its transform's
     randomness seeded by (seed, epoch, index), with the bad files met on the way.
 
-    An unreadable image (src.data.UnreadableImage) is replaced by another sample drawn
+    An unreadable image (src.errors.UnreadableImage) is replaced by another sample drawn
     deterministically from (seed, epoch, index), so a run with bad files stays exact.
     Torchvision's transforms draw from torch's global generator: it is forked, so the
     caller's random state is untouched.

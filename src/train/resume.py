@@ -9,28 +9,19 @@ each process's random state, and continues bit for bit (on CPU; see the README).
 import functools
 import os
 import random
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
 from src.checkpoint import (check_checkpoint_paths, load_model_state, newest_checkpoint,
-                            plain_args, remove_stray_temp_files, save_atomic, set_aside,
-                            strip_prefix, with_module_prefix)
+                            remove_stray_temp_files, save_atomic, set_aside, strip_prefix,
+                            with_module_prefix)
+from src.config import resume_rule
 from src.distributed import all_gather_objects, all_reduce_sum, get_rank, get_world_size
 from src.errors import DiskError, NonFiniteLoss, UsageError
 from src.logger import get_logger
-from src.optim import load_optimizer_state
-
-# flags whose change would make the resumed run another run (refused), per script
-REFUSED = {
-    "main": ("dataset", "size_dataset", "arch", "stem", "mlp_layers", "mlp_dim", "emb", "pred",
-             "crops_nmb", "crops_size", "crops_min_scale", "crops_max_scale",
-             "solarization_prob", "temperature", "momentum", "lr", "final_lr", "wd",
-             "optimizer", "warmup_epochs", "seed"),
-    "eval_linear": ("dataset", "arch", "stem", "crops_size", "num_classes", "weights",
-                    "train_percent", "train_files", "lr_classifier", "lr_encoder",
-                    "scheduler", "seed", "pretrained"),
-}
+from src.train.optim import load_optimizer_state
 
 
 def random_state():
@@ -59,38 +50,49 @@ def every_random_state():
     return all_gather_objects([random_state()])
 
 
-def check_flags(saved, args, script, path):
+def settings(configs):
+    """(name, value, rule, reason) of every field of the configs (the entries of a dict
+    field, e.g. a method's hyper-parameters, each under its own name)."""
+    for config in configs:
+        for f in fields(config):
+            rule, reason = resume_rule(config, f.name)
+            value = getattr(config, f.name)
+            items = value.items() if isinstance(value, dict) else [(f.name, value)]
+            for name, item in items:
+                yield name, _plain(item), rule, reason
+
+
+def check_flags(saved, configs, total_batch, path):
     """Refuse to resume a run written with other model or maths flags (one line naming
-    them); warn where the continuation is allowed but not bit-exact."""
+    them); warn where the continuation is allowed but not bit-exact. `configs` are the
+    settings of this run (src/config.py says what each change means); `total_batch` is
+    (--batch_size x processes, processes)."""
     log = get_logger()
     if not saved:
         log.warning(f"{path} records no flags (a file of the authors?): resuming without "
                     f"checking them")
         return
-    differ = [f"--{name} {saved[name]} -> {_plain(getattr(args, name))}"
-              for name in REFUSED[script]
-              if name in saved and saved[name] != _plain(getattr(args, name))]
-    total = (saved.get("batch_size", 0) * saved.get("world_size", 1),
-             args.batch_size * args.world_size)
-    if total[0] != total[1]:
-        differ.append(f"total batch {total[0]} -> {total[1]} (--batch_size x processes)")
+    saved = {"method": "resa", **saved}  # checkpoints from before --method were ReSA's
+    changed = [(name, rule, reason, f"--{name} {saved[name]} -> {value}")
+               for name, value, rule, reason in settings(configs)
+               if name in saved and saved[name] != value
+               and not (rule == "adopt" and value is None)]
+    differ = [change for _, rule, _, change in changed if rule in ("refuse", "adopt")]
+    batch, world_size = total_batch
+    saved_batch = saved.get("batch_size", 0) * saved.get("world_size", 1)
+    if saved_batch != batch:
+        differ.append(f"total batch {saved_batch} -> {batch} (--batch_size x processes)")
     if differ:
         raise UsageError(f"{path} was written with other flags: {'; '.join(differ)}; resume "
                          f"with the same ones or use another --dump_path")
-    if saved.get("world_size", 1) != args.world_size:
+    if saved.get("world_size", 1) != world_size:
         log.warning(f"resuming a run of {saved.get('world_size', 1)} process(es) on "
-                    f"{args.world_size} with the same total batch: the same samples and "
+                    f"{world_size} with the same total batch: the same samples and "
                     f"views, but batch-norm statistics differ; bit-exactness needs the "
                     f"same layout")
-    if saved.get("epochs") != args.epochs:
-        log.warning(f"--epochs {saved.get('epochs')} -> {args.epochs}: the learning-rate "
-                    f"and EMA schedules were recomputed for the new length")
-    if saved.get("data_backend", args.data_backend) != args.data_backend:
-        log.warning(f"--data_backend {saved['data_backend']} -> {args.data_backend}: the "
-                    f"augmentations go on with another random stream")
-    if saved.get("precision", args.precision) != args.precision:
-        log.warning(f"--precision {saved['precision']} -> {args.precision}: the continuation "
-                    f"is not bit-exact")
+    for _, rule, reason, change in changed:
+        if rule == "warn":
+            log.warning(f"{change}: {reason}")
 
 
 def _plain(value):
@@ -157,33 +159,44 @@ def check_finite(state_dict, position):
                             f"update diverged, so no checkpoint was written")
 
 
+@dataclass(frozen=True)
+class ResumeRules:
+    """What a script's checkpoint `name` (in --dump_path) must hold and match to be
+    resumed: the `required` entries besides `state_dict`, the flags of `configs` (the
+    settings that define the run, see src/config.py) and the total batch
+    (--batch_size x processes, processes)."""
+    name: str
+    script: str
+    required: tuple
+    configs: tuple
+    total_batch: tuple
+
+
 class RunCheckpoint:
     """The checkpoint file of a run in --dump_path: found and restored at start-up,
-    written collectively during training (the previous file kept as `.prev`). Create
-    it while holding the dump folder's lock (src/runtime.py)."""
+    written collectively during training (the previous file kept as `.prev`), with the
+    run's `flags` (and its number of processes) recorded in it. Create it while holding
+    the dump folder's lock (src/train/startup.py)."""
 
-    def __init__(self, path, args):
-        self.path, self.args = path, args
+    def __init__(self, path, flags, processes):
+        self.path, self.flags, self.processes = path, flags, processes
         if get_rank() == 0:
             remove_stray_temp_files(os.path.dirname(path) or ".")
 
-    def load(self, required):
-        """The newest readable checkpoint (None if the run is new), its flags checked.
-        Adopts its seed when --seed was not given, so an unseeded run resumes exactly.
-        After a fall back on the previous checkpoint, the unreadable newest one is set
-        aside, so that the next save does not rotate it over the good one."""
+    def load(self, rules):
+        """The newest readable checkpoint (None if the run is new), checked against
+        ResumeRules `rules`. After a fall back on the previous checkpoint, the unreadable
+        newest one is set aside, so that the next save does not rotate it over the
+        good one."""
         check_checkpoint_paths(self.path)
-        validate = functools.partial(check_layout, script=self.args.script, required=required)
+        validate = functools.partial(check_layout, script=rules.script, required=rules.required)
         checkpoint, source = newest_checkpoint(self.path, validate)
         if checkpoint is None:
             return None
         if source != self.path and get_rank() == 0 and os.path.lexists(self.path):
             get_logger().warning(f"the unreadable {self.path} set aside as "
                                  f"{set_aside(self.path)}")
-        saved = checkpoint.get("args", {})
-        if self.args.seed is None and saved.get("seed") is not None:
-            self.args.seed = saved["seed"]
-        check_flags(saved, self.args, self.args.script, source)
+        check_flags(checkpoint.get("args", {}), rules.configs, rules.total_batch, source)
         checkpoint["source"] = source
         return checkpoint
 
@@ -213,7 +226,8 @@ class RunCheckpoint:
         if get_rank() == 0:
             state = {**position, "state_dict": with_module_prefix(model.state_dict()),
                      "optimizer": amp.optimizer.state_dict(), "scaler": amp.scaler.state_dict(),
-                     "random_states": states, "args": plain_args(self.args), **extra}
+                     "random_states": states,
+                     "args": {**self.flags, "world_size": self.processes.world_size}, **extra}
             try:
                 check_finite(state["state_dict"], position)
                 save_atomic(state, self.path, keep_previous=True)
@@ -223,7 +237,7 @@ class RunCheckpoint:
                 failed = err
         kinds = (DiskError, NonFiniteLoss)  # the same exception on every process
         flags = torch.tensor([float(isinstance(failed, kind)) for kind in kinds],
-                             device=self.args.device)
+                             device=self.processes.device)
         for kind, flag in zip(kinds, all_reduce_sum(flags).tolist()):
             if flag:
                 raise failed or kind("stopped: rank 0 could not write the checkpoint")

@@ -7,16 +7,16 @@ scored against the labels by ARI and NMI, and the weighted k-NN top-1 against a 
 of training features of the same kind. The features come from the momentum branch,
 the one the paper analyses and the evaluations use.
 """
-import contextlib
+from collections import namedtuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from src.engine import extract_features
+from src.eval.features import evaluating, extract_features
 from src.errors import UsageError
-from src.knn import knn_classifier
+from src.eval.knn import knn_classifier
 
 KNN_K = 20            # the one weighted k-NN figure kept: --nb_knn's value nearest 20
 KMEANS_N_INIT = 10    # k-means restarts: fixed, so that a seed gives one answer
@@ -78,14 +78,18 @@ def kmeans_agreement(features, labels, seed=0, n_init=KMEANS_N_INIT):
             float(normalized_mutual_info_score(labels, clusters)))
 
 
-def clustering_scores(features, labels, bank, bank_labels, *, k, temperature, num_classes,
-                      seed=0, n_init=KMEANS_N_INIT):
+class KnnVote(namedtuple("KnnVote", "k temperature num_classes")):
+    """How the weighted k-NN of `clustering_scores` votes: k neighbours, temperature T."""
+
+
+def clustering_scores(features, labels, bank, vote, *, seed=0, n_init=KMEANS_N_INIT):
     """The five METRICS of one kind of feature (rows L2-normalised); `knn_top1` is in
-    percent, with `bank` (training features of the same kind) as neighbours."""
+    percent, voted by KnnVote `vote` among the knn.Bank `bank` (training features of
+    the same kind)."""
     sc_mean, sc_std = silhouette(features, labels)
     ari, nmi = kmeans_agreement(features, labels, seed, n_init)
-    top1, _ = knn_classifier(bank, bank_labels, features, torch.as_tensor(labels), k,
-                             T=temperature, num_classes=num_classes)
+    top1, _ = knn_classifier(bank.features, bank.labels, features, torch.as_tensor(labels),
+                             vote.k, T=vote.temperature, num_classes=vote.num_classes)
     return dict(zip(METRICS, (sc_mean, sc_std, ari, nmi, top1)))
 
 
@@ -106,28 +110,13 @@ def feature_names(projector):
     return ["encoding", *(f"projector_hidden{i}" for i in range(1, hidden + 1)), "embedding"]
 
 
-@contextlib.contextmanager
-def eval_mode(*modules):
-    """Eval mode inside the block (batch norm on its running statistics, so a sample's
-    features do not depend on its batch); every submodule's own mode restored after."""
-    modules = [m for m in modules if m is not None]
-    modes = [(sub, sub.training) for m in modules for sub in m.modules()]
-    for m in modules:
-        m.eval()
-    try:
-        yield
-    finally:
-        for sub, training in modes:
-            sub.training = training
-
-
 @torch.no_grad()
 def projector_features(projector, encodings, batch_size):
     """{'projector_hidden1': ..., 'embedding': ...}: the L2-normalised output of each
     hidden layer (after its ReLU) and of the last layer of `projector` (a Sequential),
     run in eval mode over the raw `encodings` batch by batch."""
     batches = []
-    with eval_mode(projector):
+    with evaluating(projector):
         for x in encodings.split(batch_size):
             outputs = []
             for layer in projector:
@@ -139,7 +128,7 @@ def projector_features(projector, encodings, batch_size):
                                                            zip(*batches))}
 
 
-class SideBySide(nn.Module):
+class EncoderPair(nn.Module):
     """Two encoders of the same width over the same images, outputs concatenated: one
     read of the images serves both."""
 
@@ -151,23 +140,21 @@ class SideBySide(nn.Module):
         return torch.cat([self.first(x), self.second(x)], dim=1)
 
 
-def branch_features(encoder, projector, dataset, batch_size, workers, device, desc="features",
-                    baseline=None, precision="fp32"):
+def branch_features(encoder, projector, dataset, how, device, desc="features", baseline=None):
     """({name: L2-normalised features}, labels) of every sample of `dataset`, in its
     order, on every rank. The encoder runs over the images (sharded over processes and
-    gathered, see `extract_features`); the projector (None: encoding only) then runs
-    over the gathered encodings, so the images are read once. `baseline`, an encoder
-    of the same architecture, runs beside it on the same batches and gives
-    `random_encoding`. The encoders run under `precision` (src.engine.extract_features)."""
-    net = encoder if baseline is None else SideBySide(baseline, encoder)
-    with eval_mode(net, projector):
-        encodings, labels = extract_features(net, dataset, batch_size, workers, device,
-                                             desc=desc, precision=precision)
+    gathered, see `extract_features`, as eval.features.Extraction `how` says); the
+    projector (None: encoding only) then runs over the gathered encodings, so the
+    images are read once. `baseline`, an encoder of the same architecture, runs beside
+    it on the same batches and gives `random_encoding`."""
+    net = encoder if baseline is None else EncoderPair(baseline, encoder)
+    with evaluating(net, projector):
+        encodings, labels = extract_features(net, dataset, how, device, desc=desc)
         features = {}
         if baseline is not None:
             random, encodings = encodings.chunk(2, dim=1)
             features["random_encoding"] = F.normalize(random, dim=1)
         features["encoding"] = F.normalize(encodings, dim=1)
         if projector is not None:
-            features.update(projector_features(projector, encodings, batch_size))
+            features.update(projector_features(projector, encodings, how.batch_size))
     return features, labels

@@ -1,0 +1,110 @@
+"""Reading image files: one decode path for every dataset and both data backends, and
+the listing of an image folder that follows each real directory once."""
+import hashlib
+import os
+
+import numpy as np
+from PIL import Image
+from torchvision import datasets
+
+from src.errors import UnreadableImage
+from src.logger import get_logger
+
+READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def as_rgb(img):
+    """A PIL image in RGB mode. 16-bit grayscale (modes I;16* and I, e.g. PNG, TIFF) is
+    first scaled to 8 bits: PIL's own conversion clips it, so mid-grey turned white."""
+    if img.mode == 'I' or img.mode.startswith('I;16'):
+        img = Image.fromarray((np.asarray(img).astype(np.int64).clip(0, 65535) >> 8)
+                              .astype(np.uint8))
+    return img.convert('RGB')  # a loaded copy, even of an RGB image
+
+
+def read_rgb(path):
+    """The RGB image at `path` (torchvision's ImageFolder loader, with a clear error)."""
+    try:
+        with open(path, 'rb') as f:
+            return as_rgb(Image.open(f))
+    except READ_ERRORS as err:
+        raise UnreadableImage(f'cannot read image {path} ({type(err).__name__}: {err})',
+                              str(path)) from None
+
+
+class ToRGB:
+    """Converts grayscale (fashion_mnist) or palette images to 3-channel RGB."""
+
+    def __call__(self, img):
+        return img if img.mode == 'RGB' else as_rgb(img)
+
+
+def walk_once(top):
+    """(folder, file names) of `top` and of every folder below it, symbolic links
+    followed, in torchvision's order; a folder reached a second time (a link that loops
+    back, two links to one folder) is listed once, with a warning."""
+    def identity(path):
+        info = os.stat(path)
+        return info.st_dev, info.st_ino
+
+    seen, found = {identity(top)}, []
+    for root, dirs, files in os.walk(top, followlinks=True):
+        dirs.sort()  # the first path to a folder, in sorted order, is the one kept
+        for name in list(dirs):
+            path = os.path.join(root, name)
+            try:
+                key = identity(path)
+            except OSError:  # os.walk skips what it cannot read
+                continue
+            if key in seen:
+                get_logger().warning(f'{path} leads to a folder listed already (a symbolic '
+                                     f'link loop?): its images are counted once')
+                dirs.remove(name)
+            seen.add(key)
+        found.append((root, files))
+    return sorted(found)
+
+
+class ImageFiles(datasets.ImageFolder):
+    """torchvision's ImageFolder with its file list (same order, same extensions) made
+    by `walk_once`: a symbolic-link loop in a class folder no longer lists its images
+    again and again."""
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None,
+                     allow_empty=False):
+        valid = is_valid_file or (
+            lambda path: datasets.folder.has_file_allowed_extension(path, extensions))
+        samples, empty = [], set(class_to_idx)
+        for name in sorted(class_to_idx):
+            folder = os.path.join(directory, name)
+            if not os.path.isdir(folder):
+                continue
+            for root, files in walk_once(folder):
+                for file in sorted(files):
+                    path = os.path.join(root, file)
+                    if valid(path):
+                        samples.append((path, class_to_idx[name]))
+                        empty.discard(name)
+        if empty and not allow_empty:
+            raise FileNotFoundError(f'Found no valid file for the classes '
+                                    f'{", ".join(sorted(empty))}. Supported extensions are: '
+                                    f'{", ".join(extensions or ())}')
+        return samples
+
+
+def dataset_record(dataset):
+    """{'size', 'files'} of a training set, kept in its checkpoints to notice at resume
+    that the images changed. `files` is a hash of a folder dataset's file list (paths
+    relative to its root, with their labels: moving the folder changes nothing), None
+    for datasets of another kind; wrappers (.dataset, .images) are looked through."""
+    folder = dataset
+    while folder is not None and not isinstance(folder, datasets.DatasetFolder):
+        folder = next((getattr(folder, name) for name in ('dataset', 'images')
+                       if hasattr(folder, name)), None)
+    files = None
+    if folder is not None:
+        root = os.path.join(folder.root, '')
+        listing = '\n'.join(f'{label} {path.removeprefix(root)}' for path, label in folder.samples)
+        files = hashlib.sha256(listing.encode()).hexdigest()[:16]
+    return {'size': len(dataset), 'files': files}
