@@ -47,9 +47,9 @@ def start(config, processes):
     optim, data = config.optim, config.data
     if optim.warmup_epochs > optim.epochs:
         raise UsageError(f"--warmup_epochs {optim.warmup_epochs} exceeds --epochs {optim.epochs}")
-    images = main_process_first(lambda: PretrainingData(data, config.views))
     monitor = (OnlineMonitor(data, config.monitor, config.views.crops_size[0], processes.device)
                if config.monitor.eval_every > 0 and dataset_spec(data.dataset).monitored else None)
+    images = main_process_first(lambda: PretrainingData(data, config.views))
     total_batch = (data.batch_size * processes.world_size, processes.world_size)
     rules = ResumeRules(CHECKPOINT, "main", ("epoch",),
                         (data, config.views, config.encoder, config.heads, config.method,
@@ -113,7 +113,7 @@ def pretrain(config, processes, signals=None):
         log.info(f"epoch {loop.epoch}/{config.optim.epochs} done: mean loss {loss:.4f}, "
                  f"checkpoint {started.checkpoint_file.path}")
         views.log_fallbacks(loop.epoch)
-        if monitor and monitor.due(loop.epoch, config.optim.epochs):
+        if monitor and config.monitor.due(loop.epoch, config.optim.epochs):
             measure(loop.epoch)  # on every rank
     if is_main_process():
         export = os.path.join(run.dump_path, ENCODER_EXPORT)

@@ -186,6 +186,12 @@ class Monitor:
     knn_temperature: float = 0.07
     num_classes: int = 1000
 
+    def due(self, epoch, epochs):
+        """Whether the monitor runs after epoch `epoch` of `epochs`: after the first,
+        every --eval_every and after the last."""
+        every = self.eval_every
+        return every > 0 and (epoch == 1 or epoch % every == 0 or epoch == epochs)
+
 
 @dataclass(frozen=True)
 class Probe:

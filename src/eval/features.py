@@ -83,7 +83,8 @@ def extract_features(encoder, dataset, how, device, desc="features", check_stop=
                 index = torch.zeros(0, dtype=torch.long)
                 images = torch.zeros((0, *dataset_shape(dataset)))
                 target = torch.zeros(0, dtype=torch.long)
-            feats = gather_uneven(encode(encoder, images, how, device))
+            feats = encode(encoder, images, how, device)
+            feats = gather_uneven(feats)
             index = gather_uneven(index.to(device)).to(bank_device)
             target = gather_uneven(torch.as_tensor(target).to(device))
             if bank is None:

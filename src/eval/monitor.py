@@ -76,12 +76,6 @@ class OnlineMonitor:
         self.how = Extraction(data.batch_size, data.workers)
         self.wknn_k = nearest_k(config.nb_knn)
 
-    def due(self, epoch, epochs):
-        """Whether the monitor runs after epoch `epoch` of `epochs`: after the first,
-        every --eval_every and after the last."""
-        every = self.config.eval_every
-        return every > 0 and (epoch == 1 or epoch % every == 0 or epoch == epochs)
-
     def features(self, encoder, dataset, name, check_stop=None):
         return extract_features(encoder, dataset, self.how, self.device,
                                 desc=f"monitor {name} features", check_stop=check_stop)

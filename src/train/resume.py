@@ -180,14 +180,14 @@ class RunCheckpoint:
 
     def __init__(self, path, flags, processes):
         self.path, self.flags, self.processes = path, flags, processes
-        if get_rank() == 0:
-            remove_stray_temp_files(os.path.dirname(path) or ".")
 
     def load(self, rules):
         """The newest readable checkpoint (None if the run is new), checked against
-        ResumeRules `rules`. After a fall back on the previous checkpoint, the unreadable
-        newest one is set aside, so that the next save does not rotate it over the
-        good one."""
+        ResumeRules `rules`, once stray temporary files of a killed save are removed.
+        After a fall back on the previous checkpoint, the unreadable newest one is set
+        aside, so that the next save does not rotate it over the good one."""
+        if get_rank() == 0:
+            remove_stray_temp_files(os.path.dirname(self.path) or ".")
         check_checkpoint_paths(self.path)
         validate = functools.partial(check_layout, script=rules.script, required=rules.required)
         checkpoint, source = newest_checkpoint(self.path, validate)

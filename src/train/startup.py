@@ -84,12 +84,12 @@ def start_run(run, processes, rules=None, workers=0):
     checkpoints, so that it, too, resumes exactly; a resumed one adopts it.
     """
     prepare_dump_path(run.dump_path, lock=rules is not None)
+    checkpoint_file = (RunCheckpoint(os.path.join(run.dump_path, rules.name), run.flags,
+                                     processes) if rules else None)
     log = setup_logging(run.dump_path, processes.rank)
     log.info("command: " + shlex.join(sys.argv))
-    started = Started(log, run.seed)
+    started = Started(log, run.seed, checkpoint_file)
     if rules:
-        started.checkpoint_file = RunCheckpoint(os.path.join(run.dump_path, rules.name),
-                                                run.flags, processes)
         started.resumed = started.checkpoint_file.load(rules)
         saved_seed = (started.resumed or {}).get("args", {}).get("seed")
         if run.seed is None and saved_seed is not None:
