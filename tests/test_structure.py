@@ -71,3 +71,47 @@ def test_the_checker_sees_what_it_checks(tmp_path):
     tool = tmp_path / "tool.py"
     tool.write_text("import main\nfrom tools.other import x\n")
     assert {"main", "tools.other", "tools.other.x"} <= imported_modules(tool)
+
+
+def project_module(path):
+    """`src/data/loader.py` -> `src.data.loader` (a package's __init__ -> the package)."""
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph():
+    """{module: the project modules it imports} over the project's files."""
+    modules = {project_module(p): p for p in source_files()}
+    return {name: {m for m in imported_modules(path) if m in modules and m != name}
+            for name, path in modules.items()}
+
+
+def cycles(graph):
+    """The import loops of `graph`, each as the path that closes it (empty: none)."""
+    found, state = [], {}
+
+    def visit(node, trail):
+        state[node] = "open"
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == "open":
+                found.append(trail[trail.index(target):] + [target])
+            elif target not in state:
+                visit(target, trail + [target])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+def test_no_import_cycle():
+    graph = import_graph()
+    assert {"main", "src.data.loader", "method"} <= set(graph)
+    assert "src.train.loop" in graph["main"]
+    assert cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_a_loop():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
