@@ -17,9 +17,17 @@ from flags import FLAGS, MAIN, SCRIPTS
 from method import METHODS
 from src import config
 from src.data.datasets import dataset_spec
+from src.errors import UsageError
+from src.models import RESNETS, check_arch
 
 DEFAULTS = {"arch": "resnet50", "epochs": 100, "lr": 0.5, "wd": 1e-5, "pred": True,
-            "mlp_layers": 3, "mlp_dim": 2048, "emb": 512}  # unless a recipe says otherwise
+            "mlp_layers": 3, "mlp_dim": 2048, "emb": 512, "optimizer": "sgd",
+            "wd_norms_biases": True, "clip_grad": 0.0}  # unless a recipe says otherwise
+# The recipe of every --arch that is not a ResNet here (a timm backbone): the ViT
+# literature's (DINO, iBOT): AdamW, a smaller lr, weight decay on a cosine from 0.04 to
+# 0.4 and none on norms and biases, gradients clipped to norm 3.
+TIMM_RECIPE = {"optimizer": "adamw", "lr": 5e-4, "wd": 0.04, "weight_decay_end": 0.4,
+               "wd_norms_biases": False, "clip_grad": 3.0}
 KEEP = (bool, int, float, str, type(None))  # what a checkpoint records of the flags
 
 
@@ -103,16 +111,23 @@ def build_parser(script="main", own_flags=()):
 
 def resolve_defaults(args, script):
     """Fill the defaults left unset (None) from the recipes, in this order: the
-    flag given, the --method's recipe (its RECIPE), the dataset's recipe
-    (src/data/datasets.py), DEFAULTS; then those of the script and the device."""
+    flag given, the --method's recipe (its RECIPE), the --arch's (TIMM_RECIPE for a
+    timm backbone, none for a ResNet), the dataset's recipe (src/data/datasets.py),
+    DEFAULTS; then those of the script and the device."""
     spec, method = dataset_spec(args.dataset), METHODS[args.method]
+    recipes = [method.RECIPE, spec.recipe, DEFAULTS]
 
-    def recipe(name, fallback=None):
-        return method.RECIPE.get(name, spec.recipe.get(name, DEFAULTS.get(name, fallback)))
+    def recipe(name):
+        return next((r[name] for r in recipes if name in r), None)
 
-    for name in DEFAULTS:
+    if args.arch is None:  # first: the arch's recipe depends on it
+        args.arch = recipe("arch")
+    recipes.insert(1, {} if args.arch in RESNETS else TIMM_RECIPE)
+    for name in (*DEFAULTS, *recipes[1]):
         if getattr(args, name) is None:
             setattr(args, name, recipe(name))
+    if args.weight_decay_end is None:
+        args.weight_decay_end = args.wd
     for hyper in method.HYPER:
         if getattr(args, hyper.name) is None:
             setattr(args, hyper.name, hyper.default)
@@ -163,6 +178,12 @@ def check_args(parser, args):
         parser.error("--num_classes must be positive")
     if args.precision == "fp16" and not torch.cuda.is_available():
         parser.error("--precision fp16 needs a CUDA GPU (loss scaling); use bf16 or fp32 on CPU")
+    if args.clip_grad < 0 or args.weight_decay_end < 0 or (args.patch_size or 1) <= 0:
+        parser.error("--clip_grad and --weight_decay_end must be >= 0, --patch_size positive")
+    try:  # before anything is written: a name timm lacks or that needs weights
+        check_arch(args.arch, args.crops_size, args.patch_size)
+    except UsageError as err:
+        parser.error(str(err))
 
 
 def get_args(argv=None, script="main", own_flags=()):
@@ -204,7 +225,8 @@ def encoder_config(args):
     resa_cifar; the evaluations load weights into torchvision's default initialisation."""
     zero_init = args.script in ("main", "clusters") and not (
         args.arch == "resnet18" and dataset_spec(args.dataset).plain_init_resnet18)
-    return config.Encoder(args.arch, args.stem, zero_init)
+    img_size = None if args.arch in RESNETS else args.crops_size[0]
+    return config.Encoder(args.arch, args.stem, zero_init, img_size, args.patch_size)
 
 
 def pretraining(args):

@@ -124,9 +124,16 @@ FLAGS = [
         type=int, default=8, help="data-loading worker processes per process")),
 
     ("architecture", ALL, ("-a", "--arch"), dict(
-        type=str, default=None, choices=ARCHS, metavar="ARCH",
-        help="encoder: " + ", ".join(ARCHS) + " (default: resnet50 on imagenet, resnet18 "
-        "elsewhere)")),
+        type=str, default=None, metavar="ARCH",
+        help="encoder: " + ", ".join(ARCHS) + " (torchvision's), or the name of any timm "
+        "model, e.g. vit_small_patch16_224, vit_base_patch16_224, convnext_tiny (needs "
+        "timm; built without weights and without its classifier; the README's Backbones "
+        "section) (default: resnet50 on imagenet, resnet18 elsewhere)")),
+    ("architecture", ALL, ("--patch_size",), dict(
+        type=int, default=None,
+        help="patch size of a timm ViT, whose position embedding is sized for "
+        "--crops_size[0] and interpolated for the other crops; every crop size must be a "
+        "multiple of it (default: the model's, e.g. 16 for vit_small_patch16_224)")),
     ("architecture", ALL, ("--stem",), dict(
         type=str, default=None, choices=("imagenet", "cifar"),
         help="imagenet = 7x7 stride-2 conv and max-pool; cifar = resa_cifar's 3x3 stride-1 "
@@ -162,17 +169,30 @@ FLAGS = [
     ("optimization", MAIN, ("--lr",), dict(
         type=float, default=None,
         help="base learning rate, scaled by total batch / 256 (default: 0.5; 0.3 on "
-        "cifar10/cifar100/stl10)")),
+        "cifar10/cifar100/stl10; 5e-4 for timm backbones)")),
     ("optimization", MAIN, ("--final_lr",), dict(
         type=float, default=None,
         help="learning rate at the end of the cosine, absolute (default: 0.1 x the scaled "
         "lr)")),
     ("optimization", MAIN, ("--wd", "--weight_decay"), dict(
         dest="wd", type=float, default=None,
-        help="weight decay on all parameters (default: 1e-5; 1e-4 on "
-        "cifar10/cifar100/stl10)")),
+        help="weight decay, at the start of its schedule (default: 1e-5; 1e-4 on "
+        "cifar10/cifar100/stl10; 0.04 for timm backbones)")),
+    ("optimization", MAIN, ("--weight_decay_end",), dict(
+        type=float, default=None,
+        help="weight decay at the end: a half-cosine from --wd to this, per iteration "
+        "(default: --wd, constant; 0.4 for timm backbones, as DINO)")),
+    ("optimization", MAIN, ("--wd_norms_biases",), dict(
+        type=str2bool, default=None,
+        help="weight decay on the biases and 1-D tensors (norms) too, True or False "
+        "(default: True, as the authors; False for timm backbones)")),
+    ("optimization", MAIN, ("--clip_grad",), dict(
+        type=float, default=None,
+        help="clip the gradients' total norm to this before each step (after taking out "
+        "the fp16 loss scale); 0 = off (default: 0; 3.0 for timm backbones, as DINO)")),
     ("optimization", MAIN, ("--optimizer",), dict(
-        type=str, default="sgd", choices=("sgd", "adamw"), help="SGD uses momentum 0.9")),
+        type=str, default=None, choices=("sgd", "adamw"),
+        help="SGD uses momentum 0.9 (default: sgd; adamw for timm backbones)")),
     ("optimization", MAIN, ("--warmup_epochs",), dict(
         type=int, default=2, help="linear learning-rate warm-up from 0, in epochs")),
 

@@ -1,8 +1,11 @@
 """torch.hub entry points: ReSA-pretrained ResNet encoders (torchvision ResNets whose
-`fc` is nn.Identity, so the forward gives the pooled features).
+`fc` is nn.Identity, so the forward gives the pooled features) and timm backbones
+pretrained here (`timm_backbone`, which needs timm).
 
     encoder = torch.hub.load("/path/to/this/repo", "resnet50", source="local",
                              weights="full_bs1024_ep800")
+    vit = torch.hub.load("/path/to/this/repo", "timm_backbone", source="local",
+                         arch="vit_small_patch16_224", weights="RUN/encoder.pth")
 
 `weights` is a local path, a file:// URL, an http(s):// URL (downloaded once into
 torch.hub's cache, `torch.hub.get_dir()/checkpoints`) or the name of one of the
@@ -19,7 +22,7 @@ import torch
 from src.checkpoint import load_file
 from src.config import Encoder
 from src.errors import UsageError
-from src.models import build_encoder
+from src.models import build_encoder, check_arch
 from src.eval.pretrained import load_encoder_state
 
 dependencies = ["torch", "torchvision"]
@@ -56,10 +59,25 @@ def pretrained_resnet(arch, weights=None, small_images=False, progress=True):
     """An `arch` ResNet (resa_cifar's stem with `small_images`) loaded strictly from
     `weights`."""
     encoder, _ = build_encoder(Encoder(arch, "cifar" if small_images else "imagenet", False))
+    return load_weights(encoder, weights, progress)
+
+
+def load_weights(encoder, weights, progress=True):
+    """`encoder` loaded strictly from `weights` (None: left as initialised)."""
     if weights is not None:
         path = local_file(weights, progress)
         load_encoder_state(encoder, load_file(path), path)
     return encoder
+
+
+def timm_backbone(arch, weights=None, img_size=224, patch_size=None, progress=True):
+    """The timm model `arch` without classifier (timm.create_model(arch, num_classes=0)),
+    loaded strictly from `weights` (a path or URL of a run of main.py --arch `arch`:
+    its encoder.pth or checkpoint.pth.tar; None = random). A ViT takes the run's
+    --crops_size[0] as `img_size` and its --patch_size (None: the model's)."""
+    check_arch(arch, [img_size], patch_size)
+    encoder, _ = build_encoder(Encoder(arch, img_size=img_size, patch_size=patch_size))
+    return load_weights(encoder, weights, progress)
 
 
 def resnet50(weights=None, small_images=False, progress=True):

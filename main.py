@@ -20,12 +20,12 @@ from src.distributed import (is_main_process, main_process_first, run_distribute
                              sync_batchnorm, wrap_ddp)
 from src.errors import UsageError, script_entry
 from src.eval.monitor import OnlineMonitor
-from src.models import input_format, speed_up
+from src.models import RESNETS, input_format, speed_up
 from src.train.loop import TrainLoop
-from src.train.optim import AmpOptimizer, build_optimizer
+from src.train.optim import AmpOptimizer, build_optimizer, set_weight_decay
 from src.train.preemption import StopSignals
 from src.train.resume import ResumeRules
-from src.schedules import lr_schedule, scaled_lr
+from src.schedules import lr_schedule, scaled_lr, wd_schedule
 from src.train.session import Training
 from src.train.startup import start_run
 
@@ -60,20 +60,21 @@ def start(config, processes):
 
 
 def optimizer(config, method, processes, iters_per_epoch):
-    """(the AmpOptimizer, the `before_step` that sets this step's lr and the method's
-    own schedules and returns them to log)."""
+    """(the AmpOptimizer, the `before_step` that sets this step's lr, weight decay and
+    the method's own schedules and returns them to log)."""
     optim, run = config.optim, config.run
     lr = scaled_lr(optim.lr, config.data.batch_size, processes.world_size)
     amp = AmpOptimizer(build_optimizer(method, optim, lr, run.fused), processes.device,
-                       run.precision)
-    lrs = lr_schedule(optim, lr, iters_per_epoch)
+                       run.precision, optim.clip_grad)
+    lrs, wds = lr_schedule(optim, lr, iters_per_epoch), wd_schedule(optim, iters_per_epoch)
     method.prepare(optim.epochs, iters_per_epoch)
 
     def before_step(iteration):
-        lr_now = float(lrs[iteration])
+        lr_now, wd_now = float(lrs[iteration]), float(wds[iteration])
         for group in amp.optimizer.param_groups:
             group["lr"] = lr_now
-        return {"lr": lr_now, **method.before_step(iteration)}
+        set_weight_decay(amp.optimizer, wd_now)
+        return {"lr": lr_now, "wd": wd_now, **method.before_step(iteration)}
 
     return amp, before_step
 
@@ -118,8 +119,10 @@ def pretrain(config, processes, signals=None):
     if is_main_process():
         export = os.path.join(run.dump_path, ENCODER_EXPORT)
         save_atomic(method.evaluated_encoder().state_dict(), export)
-        log.info(f"the evaluated encoder ({method.evaluated_prefix()}*) saved in "
-                 f"torchvision layout (no fc) to {export}")
+        layout = ("torchvision layout (no fc)" if config.encoder.arch in RESNETS
+                  else "timm layout (timm.create_model(arch, num_classes=0))")
+        log.info(f"the evaluated encoder ({method.evaluated_prefix()}*) saved in {layout} "
+                 f"to {export}")
 
 
 @script_entry

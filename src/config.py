@@ -106,11 +106,15 @@ class Data:
 
 @dataclass(frozen=True)
 class Encoder:
-    """The network whose features are learned and evaluated (SPEC §2)."""
+    """The network whose features are learned and evaluated (SPEC §2). A ResNet reads
+    `stem` and `zero_init_residual`; a timm ViT `img_size` (its position embedding's
+    grid: --crops_size[0]) and `patch_size` (None: the model's)."""
     RESUME = "refuse"
     arch: str = "resnet50"
     stem: str = "imagenet"
     zero_init_residual: bool = True
+    img_size: int = None
+    patch_size: int = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,9 @@ class Optim:
     final_lr: float = None
     wd: float = 1e-5
     warmup_epochs: int = 2
+    weight_decay_end: float = 1e-5  # the weight decay's cosine goes from wd to this
+    wd_norms_biases: bool = True  # False: no weight decay on biases and 1-D tensors
+    clip_grad: float = 0.0  # the gradients' total norm is clipped to this; 0 = off
     epochs: int = warn("the learning-rate and EMA schedules were recomputed for the new "
                        "length", default=100)
 

@@ -1,11 +1,18 @@
-"""Encoders (torchvision ResNets without `fc`), projector and predictor (SPEC §2).
+"""Encoders (torchvision ResNets without `fc`, or timm backbones without their
+classifier), projector and predictor (SPEC §2).
 
-Parameter names are torchvision's (`conv1`, `bn1`, `layer1.0.conv1`, ...), so encoder
-weights move between this project, the authors' releases and torchvision unchanged.
+A ResNet's parameter names are torchvision's (`conv1`, `bn1`, `layer1.0.conv1`, ...),
+so encoder weights move between this project, the authors' releases and torchvision
+unchanged; a timm backbone's are timm's, so its weights load into
+`timm.create_model(name, num_classes=0)`. timm is imported only for timm backbones.
 """
+import difflib
+
 import torch
 import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from src.errors import UsageError
 
 # name -> (block, layers per stage, width multiplier of every channel)
 RESNETS = {
@@ -19,7 +26,7 @@ RESNETS = {
     "resnet50x5": (Bottleneck, [3, 4, 6, 3], 5),
     "resnet200x2": (Bottleneck, [3, 24, 36, 3], 2),
 }
-ARCHS = tuple(RESNETS)
+ARCHS = tuple(RESNETS)  # every other --arch is a timm model name
 
 
 class WideResNet(ResNet):
@@ -60,14 +67,17 @@ def _init_resnet(model, zero_init_residual):
 
 
 def build_encoder(config):
-    """Return (encoder, feature_dim) of config.Encoder `config`: a ResNet whose forward
-    gives the pooled features.
+    """Return (encoder, feature_dim) of config.Encoder `config`: a network whose forward
+    gives the pooled features, a ResNet here or a timm backbone (`timm_backbone`).
 
     The cifar stem is resa_cifar's (SPEC §2): no max-pool and a 3x3 stride-1 conv that
     zero-pads by 2. The authors pad the input by one pixel (a ConstantPad2d without
     parameters) before their padding-1 conv; padding the conv by 2 is the same
     arithmetic with torchvision's state-dict keys, so a 32x32 image gives 34x34 maps.
     """
+    if config.arch not in RESNETS:
+        model = timm_backbone(config.arch, config.img_size, config.patch_size)
+        return model, model.num_features
     block, layers, widen = RESNETS[config.arch]
     zero_init = config.zero_init_residual
     if widen == 1:
@@ -82,6 +92,71 @@ def build_encoder(config):
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
         model.maxpool = nn.Identity()
     return model, feature_dim
+
+
+def import_timm(arch):
+    """The timm module; without it, a name that is not a ResNet here is refused."""
+    try:
+        import timm
+    except ImportError:
+        raise UsageError(f"argument -a/--arch: invalid choice: {arch!r} (the ResNets: "
+                         f"{', '.join(ARCHS)}; other backbones are timm models, and timm is "
+                         f"not installed: pip install timm)") from None
+    return timm
+
+
+def timm_backbone(arch, img_size=224, patch_size=None):
+    """timm's `arch` with no weights (nothing is downloaded) and no classifier
+    (num_classes=0: the forward gives the pooled features, `num_features` of them).
+
+    A ViT (a timm model with `dynamic_img_size`) is built for `img_size` pixels (its
+    position embedding's grid) with patches of `patch_size` (None: the model's), and
+    with dynamic_img_size=True, which interpolates that embedding for every other crop
+    size, so that multi-crop's small views go through it too."""
+    timm = import_timm(arch)
+    plain = dict(pretrained=False, num_classes=0)
+    with torch.device("meta"):  # no memory, no time: is it a ViT?
+        vit = hasattr(timm.create_model(arch, **plain), "dynamic_img_size")
+    if not vit:
+        if patch_size:
+            raise UsageError(f"--patch_size {patch_size}: --arch {arch} is not a ViT")
+        return timm.create_model(arch, **plain)
+    patch = {"patch_size": patch_size} if patch_size else {}
+    return timm.create_model(arch, **plain, img_size=img_size, dynamic_img_size=True, **patch)
+
+
+def check_arch(arch, crop_sizes, patch_size=None):
+    """A UsageError unless `arch` is a ResNet here or a timm model that builds without
+    weights and whose patches (for a ViT) tile every crop of `crop_sizes`. Checked at
+    start-up (the model is built on the meta device: no memory, no time)."""
+    if arch in RESNETS:
+        if patch_size:
+            raise UsageError(f"--patch_size {patch_size}: --arch {arch} is not a ViT")
+        return
+    if any(mark in arch for mark in ".:/"):
+        raise UsageError(f"--arch {arch} names pretrained weights (a tag, a hub or a file); "
+                         f"pretraining starts from scratch: give the bare model name, e.g. "
+                         f"{arch.split(':')[-1].split('/')[-1].split('.')[0]}")
+    timm = import_timm(arch)
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, list(dict.fromkeys([*ARCHS, *timm.list_models()])), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UsageError(f"argument -a/--arch: invalid choice: {arch!r} (neither a ResNet "
+                         f"here, {', '.join(ARCHS)}, nor a timm model{hint})")
+    try:
+        with torch.device("meta"):
+            model = timm_backbone(arch, crop_sizes[0], patch_size)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as err:
+        raise UsageError(f"timm cannot build --arch {arch} (--crops_size {crop_sizes[0]}, "
+                         f"--patch_size {patch_size}): {str(err).splitlines()[0]}") from None
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is None:
+        return
+    untiled = [size for size in crop_sizes if size % patch[0] or size % patch[1]]
+    if untiled:
+        raise UsageError(f"--crops_size {' '.join(map(str, untiled))} not divisible by the "
+                         f"patch size {patch[0]} of --arch {arch}: use crop sizes that are "
+                         f"multiples of it or another --patch_size")
 
 
 def speed_up(model, channels_last=False, compile_backend=None):

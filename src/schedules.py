@@ -1,5 +1,6 @@
 """Per-iteration schedules as arrays, indexed by the global iteration (SPEC §4): the
-learning rate of the trainers and the EMA coefficient of the momentum methods."""
+learning rate and weight decay of the trainers and the EMA coefficient of the momentum
+methods."""
 import numpy as np
 
 
@@ -25,3 +26,9 @@ def lr_schedule(optim, lr, iters_per_epoch):
     --final_lr defaults to lr/10."""
     final = 0.1 * lr if optim.final_lr is None else optim.final_lr
     return cosine_schedule(lr, final, optim.epochs, iters_per_epoch, optim.warmup_epochs)
+
+
+def wd_schedule(optim, iters_per_epoch):
+    """Weight decay per iteration of config.Optim `optim`: a half-cosine from --wd to
+    --weight_decay_end without warm-up (DINO's); constant, exactly --wd, when they agree."""
+    return cosine_schedule(optim.wd, optim.weight_decay_end, optim.epochs, iters_per_epoch)
