@@ -23,9 +23,12 @@ from src.errors import UsageError, script_entry  # noqa: E402
 DIGITS = 6  # shard numbers: train-000000.tar
 
 
+class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and each flag's default."""
+
+
 def parse(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     parser.add_argument("src", help="a folder of images (searched recursively, hidden files and "
                         "non-images skipped) or a .csv/.txt list of image paths with optional "
                         "labels")
@@ -75,10 +78,10 @@ def main(argv=None):
     args = parse(argv)
     images = source_images(Path(args.src).expanduser())
     shards = write_shards(images, args.out, args.shard_size, args.prefix)
-    last = f"{len(shards) - 1:0{DIGITS}d}"
+    first, last = f"{0:0{DIGITS}d}", f"{len(shards) - 1:0{DIGITS}d}"
+    numbers = f"{{{first}..{last}}}" if len(shards) > 1 else first
     print(f"wrote {len(images)} images in {len(shards)} shards; pretrain on them with\n"
-          f"  --dataset shards --data_path '{os.path.join(args.out, args.prefix)}-"
-          f"{{{'0' * DIGITS}..{last}}}.tar'")
+          f"  --dataset shards --data_path '{os.path.join(args.out, args.prefix)}-{numbers}.tar'")
 
 
 if __name__ == "__main__":

@@ -60,10 +60,10 @@ def image_tree(root, split, transform):
 
 def skipped_note(hidden, others):
     """What image_tree left out, in a few words ('' for nothing)."""
-    parts = [f"{len(hidden)} hidden files or folders"] if hidden else []
+    parts = [f"hidden files or folders {len(hidden)}"] if hidden else []
     if others:
-        parts.append(f"{len(others)} files that are not images (e.g. {others[0]})")
-    return "skipped " + " and ".join(parts) if parts else ""
+        parts.append(f"non-image files {len(others)} (e.g. {others[0]})")
+    return "skipped: " + ", ".join(parts) if parts else ""
 
 
 def image_list(root, split, transform):

@@ -49,8 +49,7 @@ def index_shard(path):
         with open(path, "rb") as f:
             if f.read(TAR_MAGIC_END)[TAR_MAGIC_END - len(TAR_MAGIC):] != TAR_MAGIC:
                 raise tarfile.ReadError("no tar header at its start (compressed?)")
-        with tarfile.open(path, "r:", ignore_zeros=True) as tar:  # past a bad block too
-            members = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+        members = tar_members(path)
     except (tarfile.TarError, OSError) as err:
         raise UsageError(f"cannot index the shard {path} ({type(err).__name__}: {err}); "
                          f"shards are uncompressed tar files") from None
@@ -65,6 +64,21 @@ def index_shard(path):
             images.append((name, offset, size))
             found = True
     return images, samples - len(images)
+
+
+def tar_members(path):
+    """[(name, data offset, size)] of the files in the tar at `path`. A bad header block
+    is stepped over; a truncated tar keeps the members it has, the last one cut short
+    (reading it fails later, as an unreadable image)."""
+    members = []
+    with tarfile.open(path, "r:", ignore_zeros=True) as tar:
+        try:
+            for member in tar:
+                if member.isfile():
+                    members.append((member.name, member.offset_data, member.size))
+        except tarfile.ReadError:  # "unexpected end of data": the tar ends early
+            pass
+    return members
 
 
 class ShardImages(ImageSamples):
