@@ -116,6 +116,8 @@ class ImageSamples(Dataset):
     list of images made otherwise. Label -1 = none. A subclass says how `load(index)`
     gets the PIL image; an unreadable one is an UnreadableImage."""
 
+    note = ""  # what the reader tells of the images (skipped files, shards), for the log
+
     def __init__(self, root, samples, classes=(), transform=None):
         self.root, self.samples, self.classes = str(root), samples, list(classes)
         self.targets = [label for _, label in samples]
