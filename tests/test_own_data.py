@@ -106,7 +106,7 @@ def test_mean_and_std_replace_the_dataset_statistics(tmp_path):
 
 
 @pytest.mark.parametrize("dataset", ["folder", "filelist"])
-def test_main_pretrains_two_steps_on_a_folder_and_on_a_list(dataset, tmp_path):
+def test_main_pretrains_two_steps_on_a_folder_and_on_a_list(dataset, tmp_path, capsys):
     files = write_images(tmp_path / "photos", [f"{i % 3}/{i}.jpg" for i in range(20)])
     (tmp_path / "photos" / "list.txt").write_text("\n".join(files) + "\n")
     data = tmp_path / "photos" / ("list.txt" if dataset == "filelist" else "")
@@ -116,6 +116,11 @@ def test_main_pretrains_two_steps_on_a_folder_and_on_a_list(dataset, tmp_path):
     assert (tmp_path / "run" / "encoder.pth").is_file()
     if dataset == "filelist":
         assert f"(listed in {data})" in log
+    else:  # other statistics make another run: its checkpoint is not resumed
+        capsys.readouterr()
+        assert pretrain(tmp_path / "run", "--dataset", dataset, "--data_path", data,
+                        "--mean", "0.5", "0.5", "0.5") == 2
+        assert "--mean [0.485, 0.456, 0.406] -> [0.5, 0.5, 0.5]" in one_line(capsys)
 
 
 def test_eval_knn_on_labelled_lists(tmp_path, resnet18_file):
