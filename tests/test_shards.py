@@ -12,10 +12,12 @@ import pytest
 
 from helpers_eval import assert_ok, assert_usage_error, run_script
 from helpers_run import one_line
+from src.config import Data
+from src.data.datasets import eval_dataset
 from src.data.loader import SeededSamples
 from src.data.own_images import image_tree
 from src.data.shards import shard_paths, tar_shards
-from src.errors import UnreadableImage
+from src.errors import UnreadableImage, UsageError
 from test_own_data import pretrain, write_images
 
 
@@ -114,9 +116,9 @@ def test_bad_shards_are_one_line_exit_2_and_nothing_written(photos, tmp_path, ca
         assert not dump.exists()
 
 
-def test_shards_are_for_pretraining_and_make_shards_checks_its_input(tmp_path):
-    result = run_script("eval_knn.py", "--dataset", "shards", "--data_path", tmp_path,
-                        "--dump_path", tmp_path / "knn", "--arch", "resnet18")
-    assert_usage_error(result, "--dataset shards has no labels to evaluate with")
+def test_shards_are_for_pretraining_and_make_shards_checks_its_input(photos, tmp_path):
+    _, pattern = photos
+    with pytest.raises(UsageError, match="--dataset shards has no labels to evaluate with"):
+        eval_dataset(Data("shards", pattern), "train", "plain", 32)
     result = run_script("tools/make_shards.py", tmp_path / "nothing", tmp_path / "o")
     assert_usage_error(result, "neither a folder of images nor a list file")
