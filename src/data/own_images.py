@@ -115,7 +115,7 @@ def read_list(path, check_files=True):
     """[(absolute path, label or None)] of the list file `path`; a UsageError for a list
     that is empty, malformed, or (`check_files`) names files that do not exist."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # a spreadsheet's BOM too
     except (OSError, UnicodeDecodeError) as err:
         raise UsageError(f"cannot read the list {path} ({type(err).__name__}: {err})") from None
     csv_list = path.suffix.lower() == ".csv"

@@ -89,7 +89,7 @@ class ShardImages(ImageSamples):
         for number, path in enumerate(paths):
             images, missing = index_shard(path)
             without += missing
-            names += [f"{path}/{name}" for name, _, _ in images]
+            names += [f"{os.path.abspath(path)}/{name}" for name, _, _ in images]
             shard += [number] * len(images)
             offsets += [offset for _, offset, _ in images]
             sizes += [size for _, _, size in images]
