@@ -142,7 +142,8 @@ def resolve_defaults(args, script):
         if getattr(args, name) is None:
             setattr(args, name, cuda)
     for name, value in (("stem", spec.stem), ("crops_size", [spec.crop_size]),
-                        ("num_classes", spec.num_classes), ("data_path", spec.default_path)):
+                        ("num_classes", spec.num_classes), ("data_path", spec.default_path),
+                        ("mean", list(spec.mean)), ("std", list(spec.std))):
         if getattr(args, name) is None:
             setattr(args, name, value)
     return args
@@ -166,6 +167,8 @@ def check_args(parser, args):
         words, valid = hyper.valid
         if not valid(getattr(args, hyper.name)):
             parser.error(f"--{hyper.name} must be {words}, got {getattr(args, hyper.name)}")
+    if min(args.std) <= 0:
+        parser.error(f"--std values must be positive, got {args.std}")
     if args.knn_temperature <= 0:
         parser.error("temperatures must be positive")
     if args.lr <= 0 or (args.final_lr is not None and args.final_lr < 0):
@@ -232,8 +235,7 @@ def encoder_config(args):
 def pretraining(args):
     """The configs of main.py."""
     spec, method = dataset_spec(args.dataset), METHODS[args.method]
-    views = pick(config.Views, args, blur_prob=spec.blur_prob, mean=spec.mean, std=spec.std,
-                 weak_first=method.WEAK_FIRST)
+    views = pick(config.Views, args, blur_prob=spec.blur_prob, weak_first=method.WEAK_FIRST)
     hyper = {h.name: getattr(args, h.name) for h in method.HYPER}
     return config.Pretraining(
         run=run_config(args), data=pick(config.Data, args), views=views,

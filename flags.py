@@ -94,11 +94,25 @@ FLAGS = [
         help="imagenet = any ImageFolder with train/ (and val/) under --data_path; "
         "cifar10/cifar100/stl10 through torchvision; fashion_mnist from the Debian "
         "package dataset-fashion-mnist; demo = a small synthetic ImageFolder this project "
-        "generates into --data_path")),
+        "generates into --data_path; your own images (README 'Your own images'): folder = "
+        "every image under --data_path, any layout, no labels (pretraining); filelist = "
+        "a .csv (path,label) or .txt (path [label]) list, or for the evaluations a folder "
+        "with train.csv and val.csv; shards = WebDataset tar shards (pretraining)")),
     ("data", ALL, ("--data_path",), dict(
         type=str, default=None,
-        help="dataset folder (required for imagenet; default: ./data for torchvision "
-        "datasets and fashion_mnist, ./data/demo for demo)")),
+        help="dataset folder, list (filelist) or shard pattern such as "
+        "'DIR/train-{000000..000099}.tar' (shards) (required for imagenet, folder, filelist "
+        "and shards; default: ./data for torchvision datasets and fashion_mnist, "
+        "./data/demo for demo)")),
+    ("data", ALL, ("--mean",), dict(
+        type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+        help="per-channel mean of the images' normalisation, pixels in [0, 1]; give the "
+        "same to the evaluations (default: the dataset's statistics; ImageNet's for "
+        "imagenet, folder, filelist, shards and demo)")),
+    ("data", ALL, ("--std",), dict(
+        type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+        help="per-channel standard deviation of the images' normalisation (default: the "
+        "dataset's, as --mean)")),
     ("data", MAIN, ("--data_backend",), dict(
         type=str, default="pil", choices=("pil", "gpu"),
         help="pil = the authors' pipeline, decoded and augmented with PIL in the loader "

@@ -55,7 +55,7 @@ def start(config, processes):
                         (data, config.views, config.encoder, config.heads, config.method,
                          optim, config.run), total_batch)
     started = start_run(config.run, processes, rules, data.workers)
-    started.log.info(f"{len(images.dataset)} training images")
+    started.log.info(images.summary())
     return images, monitor, started
 
 

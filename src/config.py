@@ -102,6 +102,8 @@ class Data:
                              default="pil")
     workers: int = free(default=8)
     batch_size: int = free(default=256)  # resume checks the total batch (resume.py)
+    mean: tuple = None  # the images' normalisation (--mean/--std); None: the dataset's
+    std: tuple = None
 
 
 @dataclass(frozen=True)

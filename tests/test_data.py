@@ -147,9 +147,11 @@ def statistics(spec):
 
 
 def test_dataset_spec():
-    assert set(DATASETS) == {'imagenet', 'cifar10', 'cifar100', 'stl10', 'fashion_mnist', 'demo'}
-    assert statistics(dataset_spec('imagenet')) == (
-        (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 224, False, 0.5, 1000)
+    assert set(DATASETS) == {'imagenet', 'cifar10', 'cifar100', 'stl10', 'fashion_mnist', 'demo',
+                             'folder', 'filelist', 'shards'}
+    for name in ('imagenet', 'folder', 'filelist', 'shards'):  # your own images: ImageNet's
+        assert statistics(dataset_spec(name)) == (
+            (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 224, False, 0.5, 1000)
     assert dataset_spec('cifar10').mean == (0.4914, 0.4822, 0.4465)
     assert dataset_spec('cifar100').std == (0.2673, 0.2564, 0.2762)
     assert dataset_spec('cifar100').num_classes == 100

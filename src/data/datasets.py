@@ -2,7 +2,8 @@
 of DATASETS (how to read it, its statistics, image size, stem, classes and the flag
 defaults of its recipe), and the functions that build the pretraining and evaluation
 sets from a config.Data. Adding a dataset is adding an entry here (and, for a new file
-format, a reader in src/data/readers.py).
+format, a reader in src/data/readers.py; your own images: src/data/own_images.py and
+src/data/shards.py).
 """
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,9 @@ from torchvision import datasets
 
 from src.data import readers
 from src.data.demo import NUM_CLASSES as DEMO_NUM_CLASSES
+from src.data.images import ImageSamples
+from src.data.own_images import image_list, image_tree
+from src.data.shards import tar_shards
 from src.data.transforms import MultiCropTransform, eval_transform
 from src.distributed import main_process_first
 from src.errors import UsageError
@@ -31,7 +35,9 @@ class DatasetSpec:
     """One dataset. `read(root, split, transform)` gives its (image, label) items (see
     src/data/readers.py); `small_images` are evaluated at their own size (no 256/224
     resize); `recipe` holds the flag defaults of its recipe (a flag given on the command
-    line wins); `monitored`: main.py's online monitor runs on it."""
+    line wins); `monitored`: main.py's online monitor runs on it; `path_help` says what
+    --data_path is, and a reader with `folder_path` False checks it itself (a file, a
+    pattern)."""
     read: Callable
     mean: tuple
     std: tuple
@@ -46,6 +52,8 @@ class DatasetSpec:
     plain_init_resnet18: bool = False  # resnet18 without zero-init residual BNs
     monitored: bool = True
     superclasses: Callable = None  # root -> (coarse label of every test image, names)
+    path_help: str = "a folder with train/ and val/ ImageFolders"
+    folder_path: bool = True
 
 
 DATASETS = {
@@ -69,6 +77,18 @@ DATASETS = {
     "demo": DatasetSpec(readers.demo_folder, IMAGENET_MEAN, IMAGENET_STD, DEMO_NUM_CLASSES, 32,
                         "imagenet", False, 0.0, {"arch": "resnet18"},
                         default_path="./data/demo", plain_init_resnet18=True),
+    # your own images, with ImageNet's statistics (--mean/--std) and recipe
+    "folder": DatasetSpec(image_tree, IMAGENET_MEAN, IMAGENET_STD, 1000, 224, "imagenet",
+                          False, 0.5, default_path=None, monitored=False,
+                          path_help="a folder of images in any layout, searched recursively"),
+    "filelist": DatasetSpec(image_list, IMAGENET_MEAN, IMAGENET_STD, 1000, 224, "imagenet",
+                            False, 0.5, default_path=None, monitored=False, folder_path=False,
+                            path_help="a .csv or .txt list of image paths, or a folder with "
+                            "train.csv and val.csv"),
+    "shards": DatasetSpec(tar_shards, IMAGENET_MEAN, IMAGENET_STD, 1000, 224, "imagenet",
+                          False, 0.5, default_path=None, monitored=False, folder_path=False,
+                          path_help="WebDataset tar shards, e.g. 'DIR/train-{000000..000099}.tar'"
+                          ", or their folder"),
 }
 
 
@@ -81,13 +101,16 @@ def dataset_spec(name):
 
 def data_root(data):
     """`data.data_path` as a Path, checked as far as the dataset needs it."""
+    spec = dataset_spec(data.dataset)
     if not data.data_path:
-        raise UsageError(f"--data_path is required for --dataset {data.dataset} (a folder "
-                         f"with train/ and val/ ImageFolders)")
+        raise UsageError(f"--data_path is required for --dataset {data.dataset} "
+                         f"({spec.path_help})")
     root = Path(data.data_path).expanduser()
+    if not spec.folder_path:
+        return root
     if root.exists() and not root.is_dir():
         raise UsageError(f"--data_path {root} is not a folder")
-    if dataset_spec(data.dataset).default_path is None and not root.is_dir():
+    if spec.default_path is None and not root.is_dir():
         raise UsageError(f"--data_path {root} does not exist")
     return root
 
@@ -98,10 +121,11 @@ def read_split(data, split, transform):
 
 
 def first(dataset, n):
-    """The first n samples (all when n < 0); ImageFolders stay ImageFolders."""
+    """The first n samples (all when n < 0); ImageFolders and ImageSamples stay what
+    they are."""
     if n < 0:
         return dataset
-    if isinstance(dataset, datasets.ImageFolder):
+    if isinstance(dataset, (datasets.ImageFolder, ImageSamples)):
         dataset.samples = dataset.samples[:n]
         dataset.imgs = dataset.samples
         dataset.targets = dataset.targets[:n]
@@ -140,7 +164,8 @@ def eval_dataset(data, split, kind, crop):
     `.targets`); the others have at least `.classes` and `.targets`."""
     if split not in ("train", "val"):
         raise ValueError(f'split must be "train" or "val", not {split!r}')
-    return read_split(data, split, eval_transform(dataset_spec(data.dataset), crop, kind))
+    transform = eval_transform(dataset_spec(data.dataset), crop, kind, data.mean, data.std)
+    return read_split(data, split, transform)
 
 
 def check_classes(train, val, num_classes):

@@ -19,8 +19,8 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from src.data.gpu_views import draw_params, make_views
-from src.data.images import READ_ERRORS, as_rgb
-from src.errors import UnreadableImage, UsageError
+from src.data.images import READ_ERRORS, as_rgb, unreadable
+from src.errors import UsageError
 from src.logger import get_logger
 
 # data: the JPEG's bytes (uint8, 1-D) when `jpeg`, else the decoded uint8 (3, H, W)
@@ -43,19 +43,27 @@ def device_decodable(img, raw):
 
 
 def read_encoded(path):
-    """(bytes or decoded tensor, is a plain JPEG, height, width) of an image file; the
-    header is parsed on the CPU, the pixels are decoded here only if not a plain JPEG."""
+    """`encode` of the image file at `path`."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
+    except OSError as err:
+        raise unreadable(path, err) from None
+    return encode(raw, path)
+
+
+def encode(raw, name):
+    """(bytes or decoded tensor, is a plain JPEG, height, width) of the image file
+    contents `raw`; the header is parsed on the CPU, the pixels are decoded here only
+    if not a plain JPEG."""
+    try:
         with Image.open(io.BytesIO(raw)) as img:
             width, height = img.size
             plain = device_decodable(img, raw)
             data = (torch.frombuffer(bytearray(raw), dtype=torch.uint8) if plain
                     else rgb_tensor(as_rgb(img)))
     except READ_ERRORS as err:
-        raise UnreadableImage(f"cannot read image {path} ({type(err).__name__}: {err})",
-                              str(path)) from None
+        raise unreadable(name, err) from None
     return data, plain, height, width
 
 
@@ -67,12 +75,15 @@ class EncodedImages(torch.utils.data.Dataset):
     def __init__(self, images, specs):
         self.images, self.specs = images, specs
         self.samples = getattr(images, "samples", None)  # an ImageFolder: read the files
+        self.read_bytes = getattr(images, "read_bytes", None)  # tar shards: read the member
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, index):
-        if self.samples is not None:
+        if self.read_bytes is not None:
+            data, jpeg, height, width = encode(self.read_bytes(index), self.samples[index][0])
+        elif self.samples is not None:
             data, jpeg, height, width = read_encoded(self.samples[index][0])
         else:
             data, jpeg = rgb_tensor(self.images[index][0]), False

@@ -1,10 +1,13 @@
-"""Reading image files: one decode path for every dataset and both data backends, and
-the listing of an image folder that follows each real directory once."""
+"""Reading image files: one decode path for every dataset and both data backends, the
+listing of an image folder that follows each real directory once, and the dataset of
+a list of images (folders, file lists, tar shards)."""
 import hashlib
+import io
 import os
 
 import numpy as np
 from PIL import Image
+from torch.utils.data import Dataset
 from torchvision import datasets
 
 from src.errors import UnreadableImage
@@ -28,8 +31,19 @@ def read_rgb(path):
         with open(path, 'rb') as f:
             return as_rgb(Image.open(f))
     except READ_ERRORS as err:
-        raise UnreadableImage(f'cannot read image {path} ({type(err).__name__}: {err})',
-                              str(path)) from None
+        raise unreadable(path, err) from None
+
+
+def decode_rgb(raw, name):
+    """The RGB image of the file contents `raw` (bytes), called `name` in errors."""
+    try:
+        return as_rgb(Image.open(io.BytesIO(raw)))
+    except READ_ERRORS as err:
+        raise unreadable(name, err) from None
+
+
+def unreadable(name, err):
+    return UnreadableImage(f'cannot read image {name} ({type(err).__name__}: {err})', str(name))
 
 
 class ToRGB:
@@ -39,10 +53,11 @@ class ToRGB:
         return img if img.mode == 'RGB' else as_rgb(img)
 
 
-def walk_once(top):
+def walk_once(top, skip_folder=None):
     """(folder, file names) of `top` and of every folder below it, symbolic links
     followed, in torchvision's order; a folder reached a second time (a link that loops
-    back, two links to one folder) is listed once, with a warning."""
+    back, two links to one folder) is listed once, with a warning. A folder whose path
+    `skip_folder` (if given) holds true of is not entered."""
     def identity(path):
         info = os.stat(path)
         return info.st_dev, info.st_ino
@@ -50,6 +65,8 @@ def walk_once(top):
     seen, found = {identity(top)}, []
     for root, dirs, files in os.walk(top, followlinks=True):
         dirs.sort()  # the first path to a folder, in sorted order, is the one kept
+        if skip_folder:
+            dirs[:] = [name for name in dirs if not skip_folder(os.path.join(root, name))]
         for name in list(dirs):
             path = os.path.join(root, name)
             try:
@@ -93,13 +110,44 @@ class ImageFiles(datasets.ImageFolder):
         return samples
 
 
+class ImageSamples(Dataset):
+    """(image, label) items of `samples`, a list of (name, label): torchvision's
+    ImageFolder interface (`root`, `samples`, `targets`, `classes`, `transform`) for a
+    list of images made otherwise. Label -1 = none. A subclass says how `load(index)`
+    gets the PIL image; an unreadable one is an UnreadableImage."""
+
+    note = ""  # what the reader tells of the images (skipped files, shards), for the log
+
+    def __init__(self, root, samples, classes=(), transform=None):
+        self.root, self.samples, self.classes = str(root), samples, list(classes)
+        self.targets = [label for _, label in samples]
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        img = self.load(index)
+        return (self.transform(img) if self.transform else img), self.targets[index]
+
+    def load(self, index):
+        raise NotImplementedError
+
+
+class ImagePaths(ImageSamples):
+    """ImageSamples whose names are paths of image files."""
+
+    def load(self, index):
+        return read_rgb(self.samples[index][0])
+
+
 def dataset_record(dataset):
     """{'size', 'files'} of a training set, kept in its checkpoints to notice at resume
     that the images changed. `files` is a hash of a folder dataset's file list (paths
     relative to its root, with their labels: moving the folder changes nothing), None
     for datasets of another kind; wrappers (.dataset, .images) are looked through."""
     folder = dataset
-    while folder is not None and not isinstance(folder, datasets.DatasetFolder):
+    while folder is not None and not isinstance(folder, (datasets.DatasetFolder, ImageSamples)):
         folder = next((getattr(folder, name) for name in ('dataset', 'images')
                        if hasattr(folder, name)), None)
     files = None

@@ -21,6 +21,13 @@ class PretrainingData:
                         else pretrain_dataset(data, views))
         check_batch_fits(len(self.dataset), data.batch_size)
 
+    def summary(self):
+        """A log line: how many images, and what the reader says of them (what it
+        skipped, where they are)."""
+        images = self.dataset.images if self.on_device else self.dataset.dataset
+        note = getattr(images, "note", "")
+        return f"{len(self.dataset)} training images" + (f" ({note})" if note else "")
+
     def loader(self, seed):
         """The training loader (src/data/loader.train_loader) of seed `seed`."""
         return train_loader(self.dataset, self.data.batch_size, self.data.workers, seed,

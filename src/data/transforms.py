@@ -65,17 +65,21 @@ class MultiCropTransform:
         return len(self.views)
 
 
-def eval_transform(dataset, crop, kind):
+def eval_transform(dataset, crop, kind, mean=None, std=None):
     """Image -> normalised tensor for evaluating on `dataset` (its DatasetSpec):
     'plain' (no randomness, bicubic resize: k-NN and feature extraction, SPEC §6), 'val'
     (plain with the bilinear resize of the linear probe's validation, SPEC §5),
     'train_aug' (linear probe training) or 'monitor' (plain, normalised as resa_cifar's
-    monitor does, SPEC §7)."""
+    monitor does, SPEC §7). `mean` and `std` (--mean/--std) replace the dataset's
+    statistics; the monitor keeps its own unless they differ from the dataset's."""
     if kind not in EVAL_KINDS:
         raise ValueError(f'kind must be one of {", ".join(EVAL_KINDS)}, not {kind!r}')
-    mean, std = dataset.mean, dataset.std
+    own = (dataset.mean, dataset.std)
+    mean, std = tuple(mean or own[0]), tuple(std or own[1])
     if kind == 'monitor':
-        kind, (mean, std) = 'plain', dataset.monitor_norm or (mean, std)
+        kind = 'plain'
+        if (mean, std) == own and dataset.monitor_norm:
+            mean, std = dataset.monitor_norm
     if dataset.small_images:
         # Resize/CenterCrop leave an image that already has the crop size unchanged
         # (CIFAR 32 -> 32); they only act on other sizes (fashion_mnist 28 -> 32).
