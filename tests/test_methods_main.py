@@ -1,0 +1,66 @@
+"""BYOL, SwAV and SimCLR through the scripts: the registry and --help, two gloo ranks
+against one at the main.py level, every evaluation on each method's checkpoint and
+encoder.pth, and tools/compare_methods.py."""
+import pytest
+import torch
+
+import main as main_script
+from helpers_run import launch
+from method import METHODS
+from test_fault_tolerance import losses, tensors
+
+BASELINES = ("byol", "swav", "simclr")
+GLOBAL_BN = "tests/global_bn_run.py"  # batch norm over every rank's samples, as on GPUs
+
+
+def test_the_registry_lists_the_four_methods_and_help_shows_their_groups(capsys):
+    assert list(METHODS) == ["resa", "byol", "swav", "simclr"]
+    with pytest.raises(SystemExit) as done:
+        main_script.main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert "--method {resa,byol,swav,simclr}" in text
+    titles = {"resa": "ReSA", "byol": "BYOL", "swav": "SwAV", "simclr": "SimCLR"}
+    groups = {name: text.index(f"\n{titles[name]} (--method {name}):") for name in METHODS}
+    assert list(groups) == sorted(groups, key=groups.get)  # in the registry's order
+    ends = [*list(groups.values())[1:], text.index("\narchitecture:")]
+    for (name, start), end in zip(groups.items(), ends):
+        group = text[start:end]
+        for hyper in METHODS[name].HYPER:  # its own flag, or the note that it reads one
+            assert f"\n  --{hyper.name} " in group or f"reads --{hyper.name} " in group, \
+                (name, hyper.name)
+    assert "--nmb_prototypes" in text[groups["swav"]:groups["simclr"]]
+
+
+def relative_differences(dump, reference):
+    """{name: ‖a − b‖ / ‖b‖} of the final weights and buffers of two runs (tensors of
+    norm under 1e-3, such as biases that hardly moved from 0, left out)."""
+    got, expected = [tensors(torch.load(d / "checkpoint.pth.tar", weights_only=True)
+                             ["state_dict"]) for d in (dump, reference)]
+    assert set(got) == set(expected) and len(expected) > 100
+    return {k: ((got[k].double() - v.double()).norm() / v.double().norm()).item()
+            for k, v in expected.items() if v.is_floating_point() and v.norm() > 1e-3}
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_two_gloo_ranks_train_as_one_rank(method, demo_path, tmp_path):
+    """main.py on 2 processes of 4 samples against 1 process of 8, both with batch norm
+    over the whole batch (GLOBAL_BN: SyncBatchNorm's rule, which main.py applies on
+    GPUs only): the same loss before and after an SGD step, up to float rounding
+    (per-process batch norm alone changes the first by percents), and the same weights
+    within 1% (the rounding of the gradient sums, 1e-5 of them, grows in a step through
+    batch norm over 4 to 8 values). SwAV's prototypes learn from the first step."""
+    flags = ["--method", method, "--epochs", "1", "--size_dataset", "16", "--warmup_epochs",
+             "0", "--workers", "0",
+             *(["--freeze_prototypes_epochs", "0"] if method == "swav" else [])]
+    for processes in (1, 2):
+        code, output = launch(tmp_path / str(processes), demo_path, *flags,
+                              processes=processes, wrapper=GLOBAL_BN)
+        assert code == 0, output[-3000:]
+    assert "2 process(es)" in (tmp_path / "2" / "out.log").read_text()
+    one, two = losses(tmp_path / "1"), losses(tmp_path / "2")
+    assert [s for s, _ in one] == [s for s, _ in two] == [0, 1]
+    assert [v for _, v in two] == pytest.approx([v for _, v in one], rel=1e-5)
+    differences = relative_differences(tmp_path / "2", tmp_path / "1")
+    worst = max(differences, key=differences.get)
+    assert differences[worst] < 1e-2, (worst, differences[worst])
