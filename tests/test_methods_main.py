@@ -1,12 +1,20 @@
 """BYOL, SwAV and SimCLR through the scripts: the registry and --help, two gloo ranks
 against one at the main.py level, every evaluation on each method's checkpoint and
 encoder.pth, and tools/compare_methods.py."""
+import json
+import logging
+
 import pytest
 import torch
 
+import eval_clusters
+import eval_knn
+import eval_linear
 import main as main_script
+from helpers_eval import REPO, fast_flags
 from helpers_run import launch
 from method import METHODS
+from src.logger import LOGGER_NAME
 from test_fault_tolerance import losses, tensors
 
 BASELINES = ("byol", "swav", "simclr")
@@ -64,3 +72,63 @@ def test_two_gloo_ranks_train_as_one_rank(method, demo_path, tmp_path):
     differences = relative_differences(tmp_path / "2", tmp_path / "1")
     worst = max(differences, key=differences.get)
     assert differences[worst] < 1e-2, (worst, differences[worst])
+
+
+def run_here(entry, *argv):
+    """A script's main(argv) in this process (faster than a subprocess): its exit code,
+    its log files closed after."""
+    logger = logging.getLogger(LOGGER_NAME)
+    handlers = list(logger.handlers)
+    try:
+        entry([str(a) for a in argv])
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    for handler in logger.handlers[len(handlers):]:
+        handler.close()
+    logger.handlers[:] = handlers
+    return code
+
+
+def results(dump, name):
+    return json.loads((dump / name).read_text())
+
+
+def test_every_evaluation_reads_each_methods_checkpoint_and_encoder(method_run, image_folder,
+                                                                    tmp_path, one_thread):
+    """eval_knn, eval_linear (probe and fine-tuning), eval_clusters (H and Z) and the
+    hub entry point on each baseline's checkpoint.pth.tar and encoder.pth: both files
+    give the evaluated encoder (BYOL's online one, as its authors evaluate) and the same
+    scores of the encoding H; the checkpoint also gives Z."""
+    for method in BASELINES:
+        run = method_run(method)
+        checkpoint, export = run / "checkpoint.pth.tar", run / "encoder.pth"
+        saved = torch.load(checkpoint, weights_only=True)
+        assert saved["args"]["method"] == method and saved["evaluated_encoder"] == "encoder."
+        online = {k.removeprefix("module.encoder."): v for k, v in saved["state_dict"].items()
+                  if k.startswith("module.encoder.")}
+        exported = torch.load(export, weights_only=True)
+        assert exported.keys() == online.keys()
+        assert all(torch.equal(exported[k], v) for k, v in online.items())
+        hub = torch.hub.load(str(REPO), "resnet18", source="local", weights=str(checkpoint))
+        assert all(torch.equal(hub.state_dict()[k], v) for k, v in exported.items())
+
+        out = tmp_path / method
+        assert run_here(eval_knn.main, *fast_flags(image_folder, out / "knn", "--pretrained",
+                                                   checkpoint, "--nb_knn", 5)) == 0
+        assert results(out / "knn", "knn_results.json")["5"]["top1"] >= 0
+        measured = {}
+        for name, path in (("checkpoint", checkpoint), ("export", export)):
+            assert run_here(eval_clusters.main, *fast_flags(
+                image_folder, out / name, "--pretrained", path, "--tsne_samples", 0)) == 0
+            measured[name] = results(out / name, "clustering.json")
+        assert set(measured["checkpoint"]) == {"encoding", "projector_hidden1", "embedding",
+                                               "meta"}
+        assert set(measured["export"]) == {"encoding", "meta"}  # the same encoder:
+        assert measured["checkpoint"]["encoding"] == measured["export"]["encoding"]
+        for mode, path in (("freeze", checkpoint), ("finetune", export)):
+            linear = out / mode
+            assert run_here(eval_linear.main, *fast_flags(
+                image_folder, linear, "--pretrained", path, "--weights", mode,
+                "--epochs", 1, "--lr_classifier", 0.1)) == 0
+            assert results(linear, "linear_results.json")["last_acc"] >= 0
