@@ -1,6 +1,6 @@
 """BYOL, SwAV and SimCLR through the scripts: the registry and --help, two gloo ranks
 against one at the main.py level, every evaluation on each method's checkpoint and
-encoder.pth, and tools/compare_methods.py."""
+encoder.pth, and tools/compare_methods.py (the kill tests: test_fault_tolerance.py)."""
 import json
 import logging
 
@@ -15,6 +15,7 @@ from helpers_eval import REPO, fast_flags
 from helpers_run import launch
 from method import METHODS
 from src.logger import LOGGER_NAME
+from tools import compare_methods
 from test_fault_tolerance import losses, tensors
 
 BASELINES = ("byol", "swav", "simclr")
@@ -132,3 +133,42 @@ def test_every_evaluation_reads_each_methods_checkpoint_and_encoder(method_run, 
                 image_folder, linear, "--pretrained", path, "--weights", mode,
                 "--epochs", 1, "--lr_classifier", 0.1)) == 0
             assert results(linear, "linear_results.json")["last_acc"] >= 0
+
+
+def test_compare_methods_tabulates_and_draws_two_runs(method_run, image_folder, tmp_path,
+                                                      capsys):
+    """tools/compare_methods.py on two tiny checkpoints: the table and the JSON hold
+    the scores the scripts wrote, the figure is a PNG, and a second call reuses them."""
+    runs = [f"{name}={method_run(name)}" for name in ("byol", "simclr")]
+    shared = fast_flags(image_folder, "unused", "--nb_knn", 5)
+    at = shared.index("--dump_path")
+    del shared[at:at + 2]  # the tool gives each script its own
+    flags = ["--runs", *runs, "--out", str(tmp_path), "--knn_k", "5",
+             "--linear_flags=--epochs 1 --lr_classifier 0.1",
+             "--clusters_flags=--features encoding embedding --tsne_samples 0", "--", *shared]
+    compare_methods.main(flags)
+    assert capsys.readouterr().out.count("\n$ python eval_") == 6  # 3 scripts x 2 runs
+    rows = results(tmp_path, "results.json")["runs"]
+    assert list(rows) == ["byol", "simclr"]
+    for name, row in rows.items():
+        knn = results(tmp_path / name / "knn", "knn_results.json")
+        clusters = results(tmp_path / name / "clusters", "clustering.json")
+        linear = results(tmp_path / name / "linear", "linear_results.json")
+        assert row["knn_top1_k5"] == knn["5"]["top1"]
+        assert row["linear_top1"] == linear["last_acc"]
+        assert (row["silhouette_mean_H"], row["silhouette_std_Z"], row["ari_Z"]) == (
+            clusters["encoding"]["silhouette_mean"], clusters["embedding"]["silhouette_std"],
+            clusters["embedding"]["ari"])
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert len(table) == 4 and table[2].startswith("| byol | ")
+    assert f"{rows['simclr']['ari_H']:.3f}" in table[3]
+    assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    compare_methods.main(flags)
+    assert "$ python" not in capsys.readouterr().out  # every result reused
+
+
+def test_compare_methods_refuses_bad_runs_in_one_line(tmp_path, capsys):
+    for spec, needle in (("byol", "expected NAME=PATH"), (f"a={tmp_path}", "no checkpoint at")):
+        with pytest.raises(SystemExit) as refused:
+            compare_methods.parse_args(["--runs", spec, "--out", str(tmp_path)])
+        assert refused.value.code == 2 and needle in capsys.readouterr().err
