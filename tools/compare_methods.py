@@ -1,6 +1,6 @@
 """The paper's analysis across methods: for several pretrained checkpoints, the
-clustering of the encoding H and of the embedding Z (silhouette mean and std with the
-classes as clusters, k-means ARI), the weighted k-NN and the linear probe, in one table
+clustering of the encoding H and of the embedding Z (the silhouette with the classes as
+clusters: its mean and the std of its per-class means; the k-means ARI), the weighted k-NN and the linear probe, in one table
 and one figure.
 
     python tools/compare_methods.py --runs resa=runs/resa byol=runs/byol random= \\
@@ -110,8 +110,8 @@ def scores(name, checkpoint, args):
 
 def markdown(rows, knn_k):
     """The table: one row per run, '–' where a run has no Z."""
-    lines = [f"| run | k-NN top-1 (k={knn_k}) | linear top-1 | silhouette H (± std) | ARI H "
-             "| silhouette Z (± std) | ARI Z |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| run | k-NN top-1 (k={knn_k}) | linear top-1 | silhouette H (± class std) | ARI H "
+             "| silhouette Z (± class std) | ARI Z |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, row in rows.items():
         cells = [f"{row[f'knn_top1_k{knn_k}']:.1f}", f"{row['linear_top1']:.1f}"]
         for _, letter in FEATURES:
@@ -124,7 +124,7 @@ def markdown(rows, knn_k):
     return "\n".join(lines) + "\n"
 
 
-def bars(axis, rows, series, title):
+def bars(axis, rows, series, title, legend="best"):
     """Grouped bars, one group per run: `series` is [(label, key, error key or None)]."""
     import numpy as np
     x, width = np.arange(len(rows)), 0.8 / len(series)
@@ -136,22 +136,24 @@ def bars(axis, rows, series, title):
     axis.set_xticks(x, list(rows), rotation=30, ha="right")
     axis.set_title(title)
     axis.axhline(0, color="black", linewidth=0.5)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc=legend)
 
 
 def figure(rows, knn_k, path):
-    """Silhouette (mean ± std) and ARI of H against Z per run, and the two accuracies."""
+    """Silhouette (mean, and the std of its per-class means) and ARI of H against Z per
+    run, and the two accuracies."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     bars(axes[0], rows, [(f"{feature} {letter}", f"silhouette_mean_{letter}",
                           f"silhouette_std_{letter}") for feature, letter in FEATURES],
-         "silhouette (mean ± std over samples)")
+         "silhouette (bars: std of the class means)")
     bars(axes[1], rows, [(f"{feature} {letter}", f"ari_{letter}", None)
                          for feature, letter in FEATURES], "k-means ARI")
     bars(axes[2], rows, [(f"weighted {knn_k}-NN", f"knn_top1_k{knn_k}", None),
-                         ("linear probe", "linear_top1", None)], "top-1 accuracy (%)")
+                         ("linear probe", "linear_top1", None)], "top-1 accuracy (%)",
+         legend="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
