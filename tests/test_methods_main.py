@@ -165,6 +165,10 @@ def test_compare_methods_tabulates_and_draws_two_runs(method_run, image_folder, 
     assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     compare_methods.main(flags)
     assert "$ python" not in capsys.readouterr().out  # every result reused
+    flags[flags.index("--knn_k") + 1] = "7"  # a k that the k-NN did not compute
+    with pytest.raises(SystemExit) as refused:
+        compare_methods.main(flags)
+    assert refused.value.code == 2 and "--knn_k 7 is not among" in capsys.readouterr().err
 
 
 def test_compare_methods_refuses_bad_runs_in_one_line(tmp_path, capsys):

@@ -73,6 +73,12 @@ def checked_run(spec, parser):
     return name, str(checkpoint)
 
 
+def fail(message, code=2):
+    """One line on stderr and the exit code: 2 for bad input, a script's own otherwise."""
+    print(f"compare_methods.py: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
 def evaluate(kind, checkpoint, dump, args):
     """The results of one evaluation script on one checkpoint, run unless already there."""
     script, results = SCRIPTS[kind]
@@ -84,9 +90,10 @@ def evaluate(kind, checkpoint, dump, args):
         command = [sys.executable, script, *args.eval_flags, *own, "--pretrained", checkpoint,
                    "--dump_path", str(dump)]
         print("\n$ " + shlex.join(["python", *command[1:]]), flush=True)
-        if subprocess.run(command, cwd=REPO).returncode:
-            sys.exit(f"compare_methods.py: {script} failed on {checkpoint or 'a random encoder'}"
-                     f" (its log: {dump / 'out.log'})")
+        code = subprocess.run(command, cwd=REPO).returncode
+        if code:
+            fail(f"{script} failed on {checkpoint or 'a random encoder'} (exit code {code}; "
+                 f"its log: {dump / 'out.log'})", code)
     return json.loads((dump / results).read_text())
 
 
@@ -97,8 +104,7 @@ def scores(name, checkpoint, args):
     knn = evaluate("knn", checkpoint, out / "knn", args)
     linear = evaluate("linear", checkpoint, out / "linear", args)
     if str(args.knn_k) not in knn:
-        sys.exit(f"compare_methods.py: --knn_k {args.knn_k} is not among the k of "
-                 f"{out / 'knn'} ({', '.join(knn)})")
+        fail(f"--knn_k {args.knn_k} is not among the k of {out / 'knn'} ({', '.join(knn)})")
     row = {"checkpoint": checkpoint, f"knn_top1_k{args.knn_k}": knn[str(args.knn_k)]["top1"],
            "linear_top1": linear["last_acc"], "linear_best_top1": linear["best_acc"]}
     for feature, letter in FEATURES:
