@@ -28,6 +28,24 @@ def demo_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def method_run(demo_path, tmp_path_factory):
+    """`method_run(name)`: the dump folder of one uninterrupted tiny run of main.py
+    --method `name` (helpers_run's TINY, one process, no loader worker), made once per
+    session and shared by the kill tests and the evaluations of every method."""
+    from helpers_run import launch
+    runs = {}
+
+    def run(name):
+        if name not in runs:
+            dump = tmp_path_factory.mktemp(f"run_{name}")
+            code, output = launch(dump, demo_path, "--method", name, "--workers", "0")
+            assert code == 0, output[-3000:]
+            runs[name] = dump
+        return runs[name]
+    return run
+
+
+@pytest.fixture(scope="session")
 def image_folder(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("imagefolder"))
 

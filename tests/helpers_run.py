@@ -19,11 +19,14 @@ ONE, TWO = ["--batch_size", "8"], ["--batch_size", "4"]  # the same total batch 
 FAULTS = ("RESA_CRASH", "RESA_RAISE", "RESA_SIGNAL")  # see tests/crash_run.py
 
 
-def launch(dump, demo, *flags, processes=1, crash=None, faults=None, env=None, wait=True):
+def launch(dump, demo, *flags, processes=1, crash=None, faults=None, env=None, wait=True,
+           wrapper=None):
     """Start main.py as a user would; through tests/crash_run.py with `crash` (a
-    RESA_CRASH spec) or `faults` ({variable: spec})."""
+    RESA_CRASH spec) or `faults` ({variable: spec}), or through the script `wrapper`
+    (a tests/ file that runs the script it is given, as crash_run.py does)."""
     faults = {**(faults or {}), **({"RESA_CRASH": crash} if crash else {})}
-    script = ["tests/crash_run.py", "main.py"] if faults else ["main.py"]
+    wrapper = wrapper or ("tests/crash_run.py" if faults else None)
+    script = [wrapper, "main.py"] if wrapper else ["main.py"]
     launcher = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={processes}"]
