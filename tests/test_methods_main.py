@@ -51,9 +51,11 @@ def relative_differences(dump, reference):
             for k, v in expected.items() if v.is_floating_point() and v.norm() > 1e-3}
 
 
-@pytest.mark.parametrize("method", BASELINES)
+@pytest.mark.parametrize("method", ["swav", "simclr"])
 def test_two_gloo_ranks_train_as_one_rank(method, demo_path, tmp_path):
-    """main.py on 2 processes of 4 samples against 1 process of 8, both with batch norm
+    """The two baselines whose loss couples the ranks (SwAV's Sinkhorn sums, SimCLR's
+    gathered negatives; BYOL's loss is per sample, and test_methods.py checks all
+    three losses on two ranks): main.py on 2 processes of 4 samples against 1 process of 8, both with batch norm
     over the whole batch (GLOBAL_BN: SyncBatchNorm's rule, which main.py applies on
     GPUs only): the same loss before and after an SGD step, up to float rounding
     (per-process batch norm alone changes the first by percents), and the same weights
