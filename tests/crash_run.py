@@ -153,7 +153,16 @@ def arm_from_environment():
             arm(int(rank), point, int(count), action)
 
 
+def as_from_a_terminal():
+    """SIGINT as a terminal's foreground process has it: a test run started as a
+    background job (`cmd &` without job control) hands its children SIGINT ignored,
+    and Python then installs no KeyboardInterrupt for the emulated Ctrl-C."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 if __name__ == "__main__":
+    as_from_a_terminal()
     arm_from_environment()
     script = sys.argv.pop(1)
     sys.argv[0] = script
