@@ -52,18 +52,24 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_gloo_processes_match_one_process():
+def on_two_gloo_ranks(target):
+    """{rank: what the rest of its queue item holds} of `target(rank, port, queue)` run on
+    two spawned processes of one gloo group; each must put (rank, ...) once and exit 0."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=worker, args=(rank, port, queue)) for rank in range(2)]
+    procs = [ctx.Process(target=target, args=(rank, port, queue)) for rank in range(2)]
     for p in procs:
         p.start()
-    results = dict((r, (loss, grads, ragged)) for r, loss, grads, ragged in
-                   (queue.get(timeout=120) for _ in procs))
+    results = {r: rest for r, *rest in (queue.get(timeout=120) for _ in procs)}
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
+    return results
+
+
+def test_two_gloo_processes_match_one_process():
+    results = on_two_gloo_ranks(worker)
 
     full_loss, full_grads = loss_and_grads(*make_batch())
     # the loss of the full batch is the mean of the per-process losses (as DDP averages)

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -19,7 +18,7 @@ from method.swav import SwAV, swav_loss
 from src.checkpoint import encoder_form
 from src.config import Heads
 from src.distributed import gather_with_grad, get_rank
-from test_distributed import free_port
+from test_distributed import on_two_gloo_ranks
 
 
 def paper_heads(method, **sizes):
@@ -323,16 +322,7 @@ def worker(rank, port, queue):
 
 
 def test_two_gloo_processes_match_one_process_for_every_loss():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(rank, port, queue)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    results = {r: rest for r, *rest in (queue.get(timeout=120) for _ in procs)}
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = on_two_gloo_ranks(worker)
 
     inputs = make_inputs()
     for name, (full_loss, full_grads) in losses_and_grads(inputs).items():
