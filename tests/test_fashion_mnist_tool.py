@@ -1,7 +1,8 @@
 """tools/fashion_mnist.py end to end on a tiny copy of Fashion-MNIST (the first 256
 training and 100 test images of the Debian package): the random baseline is main.py's
 own initialisation, the curve comes from main.py's monitor, the PNG, the JSON and the
-tables are written, and a second call reuses what the first left."""
+tables are written, each method gets the epochs that fill the budget at its timed step,
+and a second call reuses what the first left."""
 import gzip
 import json
 from pathlib import Path
@@ -21,7 +22,7 @@ pytestmark = [
     pytest.mark.usefixtures("one_thread"),
 ]
 
-TINY = ["--size_dataset", "128", "--epochs", "2", "--batch_size", "32", "--warmup_epochs", "0",
+TINY = ["--size_dataset", "128", "--batch_size", "32", "--warmup_epochs", "0",
         "--eval_every", "1", "--cluster_samples", "60", "--bank_samples", "100",
         "--tsne_samples", "0", "--workers", "0"]
 
@@ -44,54 +45,71 @@ def tiny_fashion_mnist(tmp_path, monkeypatch):
     return folder
 
 
-def test_tool_end_to_end(tiny_fashion_mnist, tmp_path, capsys):
+def test_tool_end_to_end(tiny_fashion_mnist, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    # --momentum 1: the EMA never moves the momentum encoder's parameters, so the final
+    timed = []
+
+    def half_a_second(argv):  # the step time that makes the budget 2 epochs of 4 steps
+        timed.append(argv[argv.index("--method") + 1])
+        return 0.5
+
+    monkeypatch.setattr(fashion_mnist, "seconds_per_step", half_a_second)
+    # --momentum 1: the EMA never moves the momentum encoder's parameters, so ReSA's final
     # checkpoint still holds the initialisation, which must be the random baseline's
-    results = fashion_mnist.main(["--out", str(out), "--momentum", "1.0", *TINY])
+    argv = ["--out", str(out), "--methods", "resa", "simclr", "--minutes", str(2 * 4 * 0.5 / 60),
+            "--momentum", "1.0", *TINY]
+    results = fashion_mnist.main(argv)
     printed = capsys.readouterr().out
+    assert timed == ["resa", "simclr"]
 
     random_init = load_file(out / "random" / "init.pth.tar")["state_dict"]
-    final = load_file(out / "pretrain" / "checkpoint.pth.tar")["state_dict"]
+    final = load_file(out / "resa" / "pretrain" / "checkpoint.pth.tar")["state_dict"]
     parameters = [k for k in final if k.startswith("module.momentum_")
                   and not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     assert parameters and all(torch.equal(final[k], random_init[k]) for k in parameters)
     online = "module.encoder.conv1.weight"  # the online encoder did train
     assert not torch.equal(final[online], random_init[online])
+    simclr = load_file(out / "simclr" / "pretrain" / "checkpoint.pth.tar")
+    assert simclr["args"]["method"] == "simclr" and simclr["epoch"] == 2
 
     written = json.loads((out / "results.json").read_text())
-    assert set(written) == {"recipe", "random", "curve", "final", "clusters", "load_average",
+    assert set(written) == {"options", "random", "methods", "clusters", "load_average",
                             "wall_minutes", "torch_threads"}
-    assert written["recipe"]["command"].startswith("python main.py --dataset fashion_mnist")
-    curve = written["curve"]
-    assert [p["epoch"] for p in curve] == [1, 2] and [p["step"] for p in curve] == [4, 8]
-    assert 0 < curve[0]["minutes"] < curve[1]["minutes"] and written["final"] == curve[-1]
-    for scores in (written["random"], *curve):
-        assert {"wknn20_top1", "linear_top1", "knn5_euclid_top1", "sc_encoding",
-                "sc_embedding"} <= set(scores)
-        assert all(0 <= scores[k] <= 100 for k in ("wknn20_top1", "linear_top1"))
-    assert set(written["clusters"]) == {"random init", "ReSA"}
+    assert list(written["methods"]) == ["resa", "simclr"]
+    for method, run in written["methods"].items():
+        assert run["command"].startswith("python main.py --dataset fashion_mnist")
+        assert f"--method {method} " in run["command"] and "--epochs 2 " in run["command"]
+        curve = run["curve"]
+        assert [p["epoch"] for p in curve] == [1, 2] and [p["step"] for p in curve] == [4, 8]
+        assert 0 < curve[0]["minutes"] < curve[1]["minutes"] and run["final"] == curve[-1]
+        for scores in (written["random"], *curve):
+            assert {"wknn20_top1", "linear_top1", "knn5_euclid_top1", "sc_encoding",
+                    "sc_embedding"} <= set(scores)
+            assert all(0 <= scores[k] <= 100 for k in ("wknn20_top1", "linear_top1"))
+    assert set(written["clusters"]) == {"random init", "ReSA", "SimCLR"}
     for by_feature in written["clusters"].values():
         assert set(by_feature) == {"encoding", "embedding"}
         for scores in by_feature.values():
             assert {"silhouette_mean", "ari", "nmi", "knn_top1"} <= set(scores)
-    assert (out / "clusters_resa" / "clustering.json").is_file()
-    assert not (out / "clusters_resa" / "tsne.png").exists()  # --tsne_samples 0
+    assert (out / "resa" / "clusters" / "clustering.json").is_file()
+    assert not (out / "resa" / "clusters" / "tsne.png").exists()  # --tsne_samples 0
     assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert results["final"] == written["final"]
+    assert results["methods"]["resa"]["final"] == written["methods"]["resa"]["final"]
 
     assert "$ python main.py --dataset fashion_mnist" in printed
     assert "$ python eval_clusters.py" in printed
-    lines = printed.splitlines()
-    table = lines[lines.index(next(l for l in lines if l.startswith("encoder"))):]
-    assert table[1].startswith("random init") and table[2].startswith("ReSA, 2 epochs")
-    assert f"{written['random']['linear_top1']:.2f}" in table[1]
-    assert f"{curve[-1]['wknn20_top1']:.2f}" in table[2]
-    assert any(l.startswith("ReSA, Z (embedding)") for l in table)
-    assert any(l.startswith("random init, H (encoding)") for l in table)
+    rows = {l.split(" | ")[0].lstrip("| "): l for l in printed.splitlines() if l.startswith("| ")}
+    assert f"| 0 | 0.0 | {written['random']['wknn20_top1']:.2f} |" in rows["random init"]
+    resa = written["methods"]["resa"]["final"]
+    assert f"| 2 | {resa['minutes']:.1f} | {resa['wknn20_top1']:.2f} |" in rows["ReSA"]
+    assert {"SimCLR", "ReSA, Z", "random init, H", "SimCLR, H"} <= set(rows)
 
-    # a second call reuses the baseline, the finished run and the clustering results
-    again = fashion_mnist.main(["--out", str(out), "--momentum", "1.0", *TINY])
+    # a second call reuses the baseline, the plans, the finished runs and the clustering
+    again = fashion_mnist.main(argv)
     printed = capsys.readouterr().out
     assert "random baseline: reusing" in printed and "$ python eval_clusters.py" not in printed
-    assert again["curve"] == curve and again["random"] == written["random"]
+    assert "$ python main.py" not in printed and timed == ["resa", "simclr"]
+    for method, run in written["methods"].items():
+        assert {k: again["methods"][method][k] for k in ("command", "epochs", "curve")} == {
+            k: run[k] for k in ("command", "epochs", "curve")}
+    assert again["random"] == written["random"]
