@@ -50,12 +50,13 @@ def start(config, processes):
     monitor = (OnlineMonitor(data, config.monitor, config.views.crops_size[0], processes.device)
                if config.monitor.eval_every > 0 and dataset_spec(data.dataset).monitored else None)
     images = main_process_first(lambda: PretrainingData(data, config.views))
+    summary = images.summary()
     total_batch = (data.batch_size * processes.world_size, processes.world_size)
     rules = ResumeRules(CHECKPOINT, "main", ("epoch",),
                         (data, config.views, config.encoder, config.heads, config.method,
                          optim, config.run), total_batch)
     started = start_run(config.run, processes, rules, data.workers)
-    started.log.info(images.summary())
+    started.log.info(summary)
     return images, monitor, started
 
 

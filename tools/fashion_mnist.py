@@ -133,8 +133,7 @@ def random_baseline(argv, folder):
 
 
 def read_curve(tb_folder, steps_per_epoch):
-    """[{step, epoch, minutes, <monitor scores>}] from main.py's TensorBoard events: the
-    monitor's scores are logged at the step where `epoch/train_minutes` is."""
+    """[{step, epoch, minutes, <monitor scores>}] from main.py's TensorBoard events."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(tb_folder), size_guidance={"scalars": 0})
     events.Reload()
@@ -276,8 +275,7 @@ def main(argv=None):
     images = 60000 if opts.size_dataset < 0 else min(opts.size_dataset, 60000)
     steps_per_epoch = images // opts.batch_size  # main.py drops the last partial batch
     common, pretrain = recipe_flags(opts, "resa", 1)
-    random = random_baseline([*common, *pretrain, "--dump_path", str(out / "random")],
-                             out / "random")
+    random = random_baseline(common + pretrain, out / "random")
     runs = {m: pretrain_method(opts, m, out, steps_per_epoch) for m in opts.methods}
     encoders = [("random init", out / "random" / "init.pth.tar", out / "random")] + [
         (NAMES[m], r["checkpoint"], out / m) for m, r in runs.items()]

@@ -1,7 +1,6 @@
 """Reading image files: one decode path for every dataset and both data backends, the
 listing of an image folder that follows each real directory once, and the dataset of
 a list of images (folders, file lists, tar shards)."""
-import hashlib
 import io
 import os
 
@@ -139,20 +138,3 @@ class ImagePaths(ImageSamples):
 
     def load(self, index):
         return read_rgb(self.samples[index][0])
-
-
-def dataset_record(dataset):
-    """{'size', 'files'} of a training set, kept in its checkpoints to notice at resume
-    that the images changed. `files` is a hash of a folder dataset's file list (paths
-    relative to its root, with their labels: moving the folder changes nothing), None
-    for datasets of another kind; wrappers (.dataset, .images) are looked through."""
-    folder = dataset
-    while folder is not None and not isinstance(folder, (datasets.DatasetFolder, ImageSamples)):
-        folder = next((getattr(folder, name) for name in ('dataset', 'images')
-                       if hasattr(folder, name)), None)
-    files = None
-    if folder is not None:
-        root = os.path.join(folder.root, '')
-        listing = '\n'.join(f'{label} {path.removeprefix(root)}' for path, label in folder.samples)
-        files = hashlib.sha256(listing.encode()).hexdigest()[:16]
-    return {'size': len(dataset), 'files': files}

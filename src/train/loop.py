@@ -7,13 +7,14 @@ Checkpoints come at every epoch end (the script writes them with `save`), inside
 epoch every --checkpoint_minutes or --checkpoint_iters, and once after a stop signal.
 Leaving the loop (`with loop:`), however it ends, stops the loader's workers.
 """
+import hashlib
 import math
+import os
 import time
 
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from src.data.images import dataset_record
 from src.distributed import all_gather_objects, all_reduce_sum, get_world_size, is_main_process
 from src.errors import NonFiniteLoss, Preempted, UsageError
 from src.logger import get_logger, progress
@@ -29,6 +30,24 @@ def reduce_step(loss, flags, device):
     packed = torch.cat([loss.detach().double().reshape(1),
                         torch.tensor(flags, dtype=torch.float64).to(device, non_blocking=True)])
     return all_reduce_sum(packed).tolist()
+
+
+def dataset_record(dataset):
+    """{'size', 'files'} of a training set, kept in its checkpoints to notice at resume
+    that the images changed. `files` is a hash of the file list of a dataset with
+    torchvision's ImageFolder interface (`root`, `samples` of (path, label); paths
+    relative to the root: moving the folder changes nothing), None for datasets of
+    another kind; wrappers (.dataset, .images) are looked through."""
+    folder = dataset
+    while folder is not None and not (hasattr(folder, "root") and hasattr(folder, "samples")):
+        folder = next((getattr(folder, name) for name in ("dataset", "images")
+                       if hasattr(folder, name)), None)
+    files = None
+    if folder is not None and folder.samples is not None:
+        root = os.path.join(folder.root, "")
+        listing = "\n".join(f"{label} {path.removeprefix(root)}" for path, label in folder.samples)
+        files = hashlib.sha256(listing.encode()).hexdigest()[:16]
+    return {"size": len(dataset), "files": files}
 
 
 class DataHealth:
