@@ -150,7 +150,8 @@ FLAGS = [
         "multiple of it (default: the model's, e.g. 16 for vit_small_patch16_224)")),
     ("architecture", ALL, ("--stem",), dict(
         type=str, default=None, choices=("imagenet", "cifar"),
-        help="imagenet = 7x7 stride-2 conv and max-pool; cifar = resa_cifar's 3x3 stride-1 "
+        help="the ResNets' first layers (a timm --arch keeps its own: this flag is not read "
+        "then): imagenet = 7x7 stride-2 conv and max-pool; cifar = resa_cifar's 3x3 stride-1 "
         "conv zero-padding by 2, no max-pool (a 32 px image gives 34x34 maps through "
         "layer1 instead of 8x8, about 6x the cost) (default: cifar on "
         "cifar10/cifar100/fashion_mnist, imagenet elsewhere, stl10 included as in "

@@ -258,9 +258,11 @@ def test_resume_refuses_other_model_flags_and_warns_on_new_epochs(demo_path, tmp
     capsys.readouterr()
     for flags, needle in ((["--mlp_dim", "32"], "--mlp_dim 64 -> 32"),
                           (["--arch", "resnet34"], "--arch resnet18 -> resnet34"),
-                          (["--batch_size", "16"], "total batch 8 -> 16")):
+                          (["--batch_size", "16"], "total batch 8 -> 16"),
+                          (["--mean", "0.5", "0.5", "0.5"], "--mean ")):
         assert run_main(tmp_path, demo_path, *flags) == 2
-        assert needle in one_line(capsys)
+        line = one_line(capsys)
+        assert needle in line and line.count(needle) == 1  # --mean: in two configs, once
     assert run_main(tmp_path, demo_path, "--epochs", "3", "--workers", "1",
                     "--checkpoint_iters", "0", "--log_every", "7") == 0
     log = (tmp_path / "out.log").read_text()

@@ -73,10 +73,11 @@ def check_flags(saved, configs, total_batch, path):
                     f"checking them")
         return
     saved = {"method": "resa", **saved}  # checkpoints from before --method were ReSA's
-    changed = [(name, rule, reason, f"--{name} {saved[name]} -> {value}")
-               for name, value, rule, reason in settings(configs)
-               if name in saved and saved[name] != value
-               and not (rule == "adopt" and value is None)]
+    changes = {}  # by flag: a flag that two configs hold (--mean) is named once
+    for name, value, rule, reason in settings(configs):
+        if name in saved and saved[name] != value and not (rule == "adopt" and value is None):
+            changes.setdefault(name, (name, rule, reason, f"--{name} {saved[name]} -> {value}"))
+    changed = list(changes.values())
     differ = [change for _, rule, _, change in changed if rule in ("refuse", "adopt")]
     batch, world_size = total_batch
     saved_batch = saved.get("batch_size", 0) * saved.get("world_size", 1)
