@@ -49,8 +49,8 @@ def test_tool_end_to_end(tiny_fashion_mnist, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     timed = []
 
-    def half_a_second(argv):  # the step time that makes the budget 2 epochs of 4 steps
-        timed.append(argv[argv.index("--method") + 1])
+    def half_a_second(opts, method, folder):  # makes the budget 2 epochs of 4 steps
+        timed.append(method)
         return 0.5
 
     monkeypatch.setattr(fashion_mnist, "seconds_per_step", half_a_second)
@@ -113,3 +113,12 @@ def test_tool_end_to_end(tiny_fashion_mnist, tmp_path, capsys, monkeypatch):
         assert {k: again["methods"][method][k] for k in ("command", "epochs", "curve")} == {
             k: run[k] for k in ("command", "epochs", "curve")}
     assert again["random"] == written["random"]
+
+
+def test_a_methods_step_is_timed_by_a_short_run_of_main(tiny_fashion_mnist, tmp_path):
+    opts = fashion_mnist.parse([*TINY, "--timing_steps", "2"])
+    seconds = fashion_mnist.seconds_per_step(opts, "byol", tmp_path / "timing")
+    checkpoint = load_file(tmp_path / "timing" / "checkpoint.pth.tar")
+    assert checkpoint["args"]["method"] == "byol" and checkpoint["args"]["size_dataset"] == 64
+    assert checkpoint["epoch"] == 1 and checkpoint["args"]["eval_every"] == 0  # 2 steps alone
+    assert seconds == checkpoint["loop"]["seconds"] / 2 > 0

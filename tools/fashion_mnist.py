@@ -3,7 +3,7 @@ same training-time budget, against the random initialisation they all start from
 
     python tools/fashion_mnist.py --out runs/fashion_mnist --minutes 30
 
-A method's step is timed on synthetic batches of the recipe's shape first; its run gets
+A short main.py run times each method's step first (--timing_steps); its run then gets
 the whole number of epochs that fills --minutes best (--epochs fixes them), and the
 minutes it really trained are read from main.py's TensorBoard events (evaluations
 excluded). main.py's online monitor (src/eval/monitor.py: weighted 20-NN, Euclidean
@@ -19,7 +19,6 @@ import json
 import os
 import runpy
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -88,26 +87,14 @@ def model_and_config(argv):
     return config, build_model(config.method, config.heads, config.encoder).to(device), device
 
 
-def seconds_per_step(argv, steps=12, warmup=3):
-    """Seconds of one training step of main.py's method and network for `argv` (forward
-    of every view, loss, backward, SGD step, the method's schedules), synthetic batches."""
-    config, model, _ = model_and_config(argv)
-    batch, crops = config.data.batch_size, config.views
-    sizes = [crops.crops_size[0]] + [size for size, n in zip(crops.crops_size, crops.crops_nmb)
-                                     for _ in range(n)]  # the first view, then each group's
-    views = [torch.randn(batch, 3, size, size) for size in sizes]
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    model.prepare(1, steps + warmup)
-    model.train()
-    seconds = []
-    for i in range(steps + warmup):
-        start = time.perf_counter()
-        model.before_step(i)
-        optimizer.zero_grad(set_to_none=True)
-        model(views).backward()
-        optimizer.step()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds[warmup:])  # a passing load moves it little
+def seconds_per_step(opts, method, folder):
+    """Seconds per training step of `method`, as main.py trains it: one epoch of
+    --timing_steps steps of the recipe (its loader and workers, its step, these
+    threads) in `folder`, its training seconds (the checkpoint's, evaluations excluded)."""
+    common, pretrain = recipe_flags(opts, method, 1)
+    run_script("main.py", [*common, *pretrain, "--size_dataset", str(opts.timing_steps
+               * opts.batch_size), "--eval_every", "0", "--dump_path", str(folder)])
+    return load_file(folder / CHECKPOINT)["loop"]["seconds"] / opts.timing_steps
 
 
 def random_baseline(argv, folder):
@@ -206,6 +193,8 @@ def parse(argv=None):
         help="the methods to pretrain, in table order (default: all)")
     add("--minutes", type=float, default=30.0, help="training budget of each method (30)")
     add("--epochs", type=int, default=None, help="the same epochs for all, not --minutes")
+    add("--timing_steps", type=int, default=100,
+        help="steps of the short main.py run that times each method first (100)")
     recipe = p.add_argument_group("the recipe, alike for all (main.py flags of the same names)")
     add = recipe.add_argument
     add("--size_dataset", type=int, default=20000, help="pretrain on the first N training "
@@ -244,13 +233,12 @@ def pretrain_method(opts, method, out, steps_per_epoch):
     folder = out / method
     plan = folder / "plan.json"
     if not plan.is_file():
-        common, pretrain = recipe_flags(opts, method, 1)
-        step = seconds_per_step(common + pretrain)
+        step = seconds_per_step(opts, method, folder / "timing")
         epochs = opts.epochs or max(1, round(opts.minutes * 60 / (step * steps_per_epoch)))
         folder.mkdir(parents=True, exist_ok=True)
         plan.write_text(json.dumps({"epochs": epochs, "step_s": step}))
     epochs, step = (json.loads(plan.read_text())[k] for k in ("epochs", "step_s"))
-    print(f"\n{NAMES[method]}: {step:.3f} s per synthetic step, {epochs} epochs "
+    print(f"\n{NAMES[method]}: {step:.3f} s per step, {epochs} epochs "
           f"(about {epochs * steps_per_epoch * step / 60:.1f} training minutes)", flush=True)
     common, pretrain = recipe_flags(opts, method, epochs)
     argv = [*common, *pretrain, "--dump_path", str(folder / "pretrain")]
@@ -264,7 +252,7 @@ def pretrain_method(opts, method, out, steps_per_epoch):
     if not curve:
         raise SystemExit("no monitor point in the TensorBoard events: was --eval_every 0?")
     return {"command": "python main.py " + shlex.join(argv), "epochs": epochs,
-            "synthetic_step_s": step, "curve": curve, "final": curve[-1],
+            "timed_step_s": step, "curve": curve, "final": curve[-1],
             "load_average_at_start": list(load), "checkpoint": str(checkpoint)}
 
 
