@@ -106,17 +106,23 @@ def pretrain(config, processes, signals=None):
         log.info(f"monitor after epoch {epoch}: "
                  + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
 
+    def epoch_end(loss):
+        training.writer.add(loop.step, "epoch/", loss=loss, train_minutes=loop.seconds / 60)
+        if monitor and config.monitor.due(loop.epoch, config.optim.epochs):
+            measure(loop.epoch)  # on every rank
+
     method.train()
     if monitor and config.monitor.eval_at_start and loop.step == 0:
         measure(0)
+    if loop.iteration == 0 and loop.epoch_loss is not None:  # resumed where an epoch ended:
+        epoch_end(loop.epoch_loss)  # its scalars again (the restart purged them from
+        # TensorBoard), and its monitor point, which a stop may have cut short
     for loss in training.epochs():
         loop.save()
-        training.writer.add(loop.step, "epoch/", loss=loss, train_minutes=loop.seconds / 60)
         log.info(f"epoch {loop.epoch}/{config.optim.epochs} done: mean loss {loss:.4f}, "
                  f"checkpoint {started.checkpoint_file.path}")
         views.log_fallbacks(loop.epoch)
-        if monitor and config.monitor.due(loop.epoch, config.optim.epochs):
-            measure(loop.epoch)  # on every rank
+        epoch_end(loss)
     if is_main_process():
         export = os.path.join(run.dump_path, ENCODER_EXPORT)
         save_atomic(method.evaluated_encoder().state_dict(), export)

@@ -408,6 +408,44 @@ def test_a_stop_signal_during_the_online_monitor_stops_at_once(phase, small_demo
     assert calls[phase] == {"features": 2, "classifier": 3}[phase]
 
 
+def scalars(dump, prefix):
+    """{tag: [(step, value)]} of the run's TensorBoard scalars under `prefix`, as
+    TensorBoard shows them (a restart's purge applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(dump / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"] if tag.startswith(prefix)}
+
+
+def test_a_run_stopped_during_the_monitor_measures_that_epoch_when_it_resumes(
+        small_demo, tmp_path, monkeypatch):
+    """Stopped in the monitor after epoch 1 (its checkpoint written): the restart purges
+    TensorBoard from that step on, so it logs epoch 1's scalars again and runs its monitor
+    before epoch 2; TensorBoard then shows what an uninterrupted run shows."""
+    flags = ["--epochs", "2", "--eval_every", "1", "--batch_size", "16", "--size_dataset", "16"]
+    assert run_main(tmp_path / "whole", small_demo, *flags) == 0
+    forward, stopped = ResNet.forward, []
+
+    def encoding(self, x):
+        if not self.training and not stopped:  # the monitor's first batch
+            stopped.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, x)
+    monkeypatch.setattr(ResNet, "forward", encoding)
+    assert run_main(tmp_path / "cut", small_demo, *flags) == 75 and stopped
+    assert "monitor after epoch 1" not in (tmp_path / "cut" / "out.log").read_text()
+    assert run_main(tmp_path / "cut", small_demo, *flags) == 0
+    log = (tmp_path / "cut" / "out.log").read_text()
+    assert log.index("monitor after epoch 1") > log.index("resumed from")
+    for prefix in ("monitor/", "epoch/loss", "train/loss"):
+        expected = scalars(tmp_path / "whole", prefix)
+        assert scalars(tmp_path / "cut", prefix) == expected and expected, prefix
+    assert [step for step, _ in expected["train/loss"]] == [0, 1]
+    assert [step for step, _ in scalars(tmp_path / "cut", "epoch/train_minutes")[
+        "epoch/train_minutes"]] == [1, 2]
+
+
 # -------------------------------------------------------------------------- 9-11. data
 
 def test_a_16_bit_png_reads_as_its_8_bit_grey_in_both_data_backends(tmp_path):

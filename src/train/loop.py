@@ -105,6 +105,7 @@ class TrainLoop:
         self.checkpoint_iters, self.log_every = config.checkpoint_iters, config.log_every
         self.epoch = self.iteration = 0  # the next step is `iteration` of `epoch`
         self.loss_sum = 0.0  # of this epoch's steps so far
+        self.epoch_loss = None  # the mean loss of the last epoch that ended
         self.seconds = 0.0  # spent in training epochs since the run began, resumes included
         self.health = DataHealth()
         self.dataset = dataset_record(loader.dataset.dataset)  # under SeededSamples
@@ -122,6 +123,7 @@ class TrainLoop:
     def position(self):
         return {"epoch": self.epoch, "iteration": self.iteration,
                 "loop": {"loss_sum": self.loss_sum, "seconds": self.seconds,
+                         "epoch_loss": self.epoch_loss,
                          "data": self.health.state_dict(), "dataset": self.dataset}}
 
     def load_position(self, checkpoint):
@@ -129,6 +131,7 @@ class TrainLoop:
         if "loop" in checkpoint:
             self.loss_sum = checkpoint["loop"]["loss_sum"]
             self.seconds = checkpoint["loop"].get("seconds", 0.0)
+            self.epoch_loss = checkpoint["loop"].get("epoch_loss")
             self.health.load_state_dict(checkpoint["loop"]["data"])
             self._check_dataset(checkpoint["loop"].get("dataset"),
                                 checkpoint.get("source", "the checkpoint"))
@@ -185,9 +188,9 @@ class TrainLoop:
                 if self.iteration < total:
                     self._checkpoint_if_due()
         self.health.check(epoch_end=True)
-        mean = self.loss_sum / total
+        self.epoch_loss = self.loss_sum / total
         self.epoch, self.iteration, self.loss_sum = self.epoch + 1, 0, 0.0
-        return mean
+        return self.epoch_loss
 
     def _train_step(self, batch):
         """One step; returns (the loss averaged over processes, the schedules' scalars)."""
