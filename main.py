@@ -107,14 +107,15 @@ def pretrain(config, processes, signals=None):
                  + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
 
     def epoch_end(loss):
-        training.writer.add(loop.step, "epoch/", loss=loss, train_minutes=loop.seconds / 60)
+        losses = {} if loss is None else {"loss": loss}  # None: a checkpoint without it
+        training.writer.add(loop.step, "epoch/", **losses, train_minutes=loop.seconds / 60)
         if monitor and config.monitor.due(loop.epoch, config.optim.epochs):
             measure(loop.epoch)  # on every rank
 
     method.train()
     if monitor and config.monitor.eval_at_start and loop.step == 0:
         measure(0)
-    if loop.iteration == 0 and loop.epoch_loss is not None:  # resumed where an epoch ended:
+    if loop.iteration == 0 and loop.epoch > 0:  # resumed where an epoch ended:
         epoch_end(loop.epoch_loss)  # its scalars again (the restart purged them from
         # TensorBoard), and its monitor point, which a stop may have cut short
     for loss in training.epochs():

@@ -244,11 +244,13 @@ def pretrain_method(opts, method, out, steps_per_epoch):
     argv = [*common, *pretrain, "--dump_path", str(folder / "pretrain")]
     checkpoint = folder / "pretrain" / CHECKPOINT
     load = os.getloadavg()
-    if checkpoint.is_file() and load_file(checkpoint)["epoch"] >= epochs:
+    finished = checkpoint.is_file() and load_file(checkpoint)["epoch"] >= epochs
+    curve = read_curve(folder / "pretrain" / "tb", steps_per_epoch) if finished else []
+    if curve and curve[-1]["epoch"] >= epochs:
         print(f"{NAMES[method]}: reusing the finished run in {checkpoint.parent}")
-    else:  # a new run, or the continuation of an interrupted one
+    else:  # a new run, the continuation of an interrupted one, or its last monitor point
         run_script("main.py", argv)
-    curve = read_curve(folder / "pretrain" / "tb", steps_per_epoch)
+        curve = read_curve(folder / "pretrain" / "tb", steps_per_epoch)
     if not curve:
         raise SystemExit("no monitor point in the TensorBoard events: was --eval_every 0?")
     return {"command": "python main.py " + shlex.join(argv), "epochs": epochs,
